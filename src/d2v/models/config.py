@@ -1,0 +1,250 @@
+"""Typed configuration of the data2vec 2.0 model.
+
+Field names follow fairseq's ``Data2VecMultiConfig`` where one exists, so that the released
+configs (spec §5) can be written down one to one. Every config is validated by
+``validate()`` so that a malformed value fails with a message naming the field, before any
+tensor is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+MODALITIES = ("image", "speech", "text")
+
+
+class ConfigError(ValueError):
+    """A config value is malformed; the message names the field."""
+
+
+@dataclass
+class DecoderConfig:
+    """The light convolutional decoder (spec §2.4). Defaults are fairseq's ``D2vDecoderConfig``."""
+
+    decoder_dim: int = 384
+    decoder_groups: int = 16
+    decoder_kernel: int = 5
+    decoder_layers: int = 5
+    input_dropout: float = 0.1
+    decoder_residual: bool = True
+    projection_layers: int = 1
+    projection_ratio: float = 2.0
+
+
+@dataclass
+class ModalityConfig:
+    """What every modality encoder shares: prenet, masking, decoder, teacher contents."""
+
+    prenet_depth: int = 0
+    prenet_dropout: float = 0.0
+    prenet_layerdrop: float = 0.0
+    num_extra_tokens: int = 0
+    # Masking: 1 = masked. ``inverse_mask`` means the blocks mark the *kept* tokens (images).
+    mask_prob: float = 0.5
+    mask_prob_adjust: float = 0.0
+    mask_length: int = 1
+    inverse_mask: bool = False
+    mask_noise_std: float = 0.01
+    encoder_zero_mask: bool = True
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    # What the EMA teacher holds for this modality (spec §2.2):
+    #   "full"     - its own copy of the whole modality encoder, fed the raw input (images)
+    #   "no_local" - everything but the local encoder, fed the student's local features (speech)
+    #   "none"     - nothing: the student's contextualized features feed the teacher blocks (text)
+    teacher_encoder: str = "full"
+
+
+@dataclass
+class ImageConfig(ModalityConfig):
+    input_size: int = 224
+    in_chans: int = 3
+    patch_size: int = 16
+    num_extra_tokens: int = 1
+    prenet_depth: int = 2
+    mask_prob: float = 0.8
+    mask_prob_adjust: float = 0.07
+    mask_length: int = 3
+    inverse_mask: bool = True
+    teacher_encoder: str = "full"
+    decoder: DecoderConfig = field(
+        default_factory=lambda: DecoderConfig(
+            decoder_dim=768, decoder_groups=16, decoder_kernel=3, decoder_layers=6, input_dropout=0.0
+        )
+    )
+
+
+@dataclass
+class SpeechConfig(ModalityConfig):
+    # wav2vec 2.0 conv feature extractor: (channels, kernel, stride) per layer; total stride 320.
+    feature_encoder_spec: str = "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2"
+    conv_pos_width: int = 95
+    conv_pos_groups: int = 16
+    conv_pos_depth: int = 5
+    prenet_dropout: float = 0.1
+    prenet_layerdrop: float = 0.05
+    mask_prob: float = 0.5
+    mask_prob_adjust: float = 0.05
+    mask_length: int = 5
+    use_alibi: bool = True
+    learned_alibi_scale: bool = True
+    teacher_encoder: str = "no_local"
+    sample_rate: int = 16000
+    decoder: DecoderConfig = field(
+        default_factory=lambda: DecoderConfig(
+            decoder_dim=384, decoder_groups=16, decoder_kernel=7, decoder_layers=4, input_dropout=0.1
+        )
+    )
+
+
+@dataclass
+class TextConfig(ModalityConfig):
+    vocab_size: int = 50265
+    pad_idx: int = 1
+    max_source_positions: int = 512
+    dropout: float = 0.1
+    mask_prob: float = 0.48
+    mask_length: int = 1
+    teacher_encoder: str = "none"
+    decoder: DecoderConfig = field(
+        default_factory=lambda: DecoderConfig(
+            decoder_dim=768,
+            decoder_groups=1,
+            decoder_kernel=9,
+            decoder_layers=5,
+            input_dropout=0.1,
+            decoder_residual=False,
+            projection_layers=2,
+            projection_ratio=2.0,
+        )
+    )
+
+
+@dataclass
+class ModelConfig:
+    """The unified model: any subset of the three modality encoders over one block stack."""
+
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-5
+    encoder_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation_dropout: float = 0.0
+    post_mlp_drop: float = 0.1
+    dropout_input: float = 0.0
+    layerdrop: float = 0.0
+    start_drop_path_rate: float = 0.0
+    end_drop_path_rate: float = 0.0
+    # Targets (spec §2.3)
+    average_top_k_layers: int = 8
+    instance_norm_target_layer: bool = True
+    layer_norm_target_layer: bool = False
+    layer_norm_targets: bool = False
+    instance_norm_targets: bool = False
+    # Loss (spec §2.5): loss_scale None means 1/sqrt(D)
+    loss_beta: float = 0.0
+    loss_scale: Optional[float] = None
+    cls_loss: float = 0.0
+    clone_batch: int = 8
+    # EMA teacher (spec §2.6)
+    ema_decay: float = 0.999
+    ema_end_decay: float = 0.99999
+    ema_anneal_end_step: int = 75000
+    # Collapse guard (spec §2.7): checked from this update on
+    min_target_var: float = 0.1
+    min_pred_var: float = 0.01
+    collapse_check_after: int = 5000
+    image: Optional[ImageConfig] = None
+    speech: Optional[SpeechConfig] = None
+    text: Optional[TextConfig] = None
+
+    @property
+    def modalities(self) -> list[str]:
+        return [m for m in MODALITIES if getattr(self, m) is not None]
+
+    def validate(self) -> "ModelConfig":
+        """Raise ``ConfigError`` naming the first bad field; return self when all is well."""
+
+        def need(cond: bool, name: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"model.{name}: {msg}")
+
+        need(isinstance(self.embed_dim, int) and self.embed_dim > 0, "embed_dim", f"must be a positive int, got {self.embed_dim!r}")
+        need(isinstance(self.num_heads, int) and self.num_heads > 0, "num_heads", f"must be a positive int, got {self.num_heads!r}")
+        need(
+            self.embed_dim % self.num_heads == 0,
+            "embed_dim",
+            f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}",
+        )
+        need(isinstance(self.depth, int) and self.depth >= 1, "depth", f"must be >= 1, got {self.depth!r}")
+        need(
+            1 <= self.average_top_k_layers <= self.depth,
+            "average_top_k_layers",
+            f"must be in [1, depth={self.depth}], got {self.average_top_k_layers}",
+        )
+        need(isinstance(self.clone_batch, int) and self.clone_batch >= 1, "clone_batch", f"must be an int >= 1, got {self.clone_batch!r}")
+        need(0.0 <= self.ema_decay <= 1.0, "ema_decay", f"must be in [0, 1], got {self.ema_decay}")
+        need(0.0 <= self.ema_end_decay <= 1.0, "ema_end_decay", f"must be in [0, 1], got {self.ema_end_decay}")
+        need(self.ema_anneal_end_step >= 0, "ema_anneal_end_step", "must be >= 0")
+        for name in ("encoder_dropout", "attention_dropout", "activation_dropout", "post_mlp_drop", "dropout_input", "layerdrop"):
+            v = getattr(self, name)
+            need(0.0 <= v < 1.0, name, f"must be in [0, 1), got {v}")
+        need(not (self.instance_norm_target_layer and self.layer_norm_target_layer), "layer_norm_target_layer",
+             "instance_norm_target_layer and layer_norm_target_layer are exclusive")
+        need(len(self.modalities) > 0, "image/speech/text", "at least one modality must be configured")
+        for m in self.modalities:
+            mc: ModalityConfig = getattr(self, m)
+            need(0.0 < mc.mask_prob < 1.0, f"{m}.mask_prob", f"must be in (0, 1), got {mc.mask_prob}")
+            need(mc.mask_length >= 1, f"{m}.mask_length", f"must be >= 1, got {mc.mask_length}")
+            need(mc.teacher_encoder in ("full", "no_local", "none"), f"{m}.teacher_encoder",
+                 f"must be one of full/no_local/none, got {mc.teacher_encoder!r}")
+            d = mc.decoder
+            need(d.decoder_layers >= 1, f"{m}.decoder.decoder_layers", "must be >= 1")
+            need(d.decoder_dim % d.decoder_groups == 0 and self.embed_dim % d.decoder_groups == 0,
+                 f"{m}.decoder.decoder_groups",
+                 f"decoder_dim={d.decoder_dim} and embed_dim={self.embed_dim} must be divisible by groups={d.decoder_groups}")
+        if self.image is not None:
+            im = self.image
+            need(im.input_size % im.patch_size == 0, "image.input_size",
+                 f"input_size={im.input_size} is not a multiple of patch_size={im.patch_size}")
+            need(self.embed_dim % 4 == 0, "embed_dim", "2-D sin-cos positions need embed_dim divisible by 4")
+        if self.speech is not None:
+            sp = self.speech
+            try:
+                spec = parse_conv_spec(sp.feature_encoder_spec)
+            except Exception as e:  # noqa: BLE001 - re-raised with the field name
+                raise ConfigError(f"model.speech.feature_encoder_spec: cannot parse {sp.feature_encoder_spec!r}: {e}") from e
+            need(len(spec) > 0, "speech.feature_encoder_spec", "needs at least one conv layer")
+            need(self.embed_dim % sp.conv_pos_groups == 0, "speech.conv_pos_groups",
+                 f"embed_dim={self.embed_dim} is not divisible by conv_pos_groups={sp.conv_pos_groups}")
+        if self.text is not None:
+            need(self.text.vocab_size > self.text.pad_idx, "text.vocab_size", "must exceed pad_idx")
+        return self
+
+
+def parse_conv_spec(spec: str) -> list[tuple[int, int, int]]:
+    """Parse fairseq's ``"[(512, 10, 5)] + [(512, 3, 2)] * 4"`` without ``eval`` on arbitrary code."""
+    import ast
+
+    tree = ast.parse(spec, mode="eval")
+
+    def ev(node: ast.AST):  # a tiny evaluator: lists, tuples, ints, + and *
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.List):
+            return [ev(e) for e in node.elts]
+        if isinstance(node, ast.Tuple):
+            return tuple(ev(e) for e in node.elts)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            a, b = ev(node.left), ev(node.right)
+            return a + b if isinstance(node.op, ast.Add) else a * b
+        raise ValueError(f"unsupported syntax {ast.dump(node)[:60]}")
+
+    out = ev(tree)
+    if not isinstance(out, list) or not all(isinstance(t, tuple) and len(t) == 3 for t in out):
+        raise ValueError("expected a list of (channels, kernel, stride) tuples")
+    return [tuple(int(v) for v in t) for t in out]  # type: ignore[misc]

@@ -1,0 +1,398 @@
+"""data2vec 2.0: one student, one EMA teacher, any subset of image / speech / text.
+
+One training step for a batch of B samples of one modality (spec §2):
+
+1. the student's modality encoder makes local features ``(B, T, D)``;
+2. they are cloned M times (sample-major) and each clone drops its own masked tokens, so the
+   shared blocks see only ``K`` visible tokens per row, ``(B*M, E+K, D)``;
+3. the encoder output is scattered back to ``T`` positions with N(0, 0.01²) noise at the masked
+   ones and the convolutional decoder predicts every position;
+4. the teacher encodes the *unmasked* sample once (B rows) under ``no_grad``; the targets are the
+   mean of its last K blocks' FFN outputs, instance-normalised per layer, repeated M times;
+5. loss = Σ_d (pred − y)² · scale, averaged over masked tokens (+ the image CLS term).
+
+``model(source, modality) -> Data2VecOutput(loss, pred, target, mask, ...)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .blocks import make_blocks, run_blocks
+from .config import MODALITIES, ModelConfig
+from .ema import EMAUpdater, ema_decay_at
+from .encoders import ENCODERS, InputError, ModalityEncoder
+
+
+class CollapseError(RuntimeError):
+    """Raised by the collapse guard; the message names the quantity, its value and the step."""
+
+
+@dataclass
+class Data2VecOutput:
+    loss: torch.Tensor  # scalar: per-masked-token mean (what to backpropagate)
+    pred: torch.Tensor  # (N_masked, D) student predictions at masked positions
+    target: torch.Tensor  # (N_masked, D) teacher targets at the same positions (fp32)
+    mask: torch.Tensor  # (B*M, T) bool, True = masked
+    sample_size: torch.Tensor  # number of masked positions that enter the loss
+    loss_sum: torch.Tensor  # fairseq's criterion loss (sum of all terms), = loss * sample_size
+    loss_terms: dict[str, torch.Tensor] = field(default_factory=dict)  # summed, unnormalised terms
+    target_var: Optional[torch.Tensor] = None
+    pred_var: Optional[torch.Tensor] = None
+
+
+def _init_bert_params(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.padding_idx is not None:
+            module.weight.data[module.padding_idx].zero_()
+
+
+def compute_var(y: torch.Tensor) -> torch.Tensor:
+    """Mean over channels of the std across rows (fairseq ``compute_var``, single process)."""
+    y = y.reshape(-1, y.shape[-1]).float()
+    return torch.sqrt(y.var(dim=0) + 1e-6).mean()
+
+
+class Data2Vec2(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.modality_encoders = nn.ModuleDict(
+            {m: ENCODERS[m](cfg, getattr(cfg, m)) for m in cfg.modalities}
+        )
+        dpr = torch.linspace(cfg.start_drop_path_rate, cfg.end_drop_path_rate, cfg.depth).tolist()
+        blocks = make_blocks(
+            cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps,
+            cfg.attention_dropout, cfg.encoder_dropout, cfg.activation_dropout, cfg.post_mlp_drop, dpr,
+        )
+        self.blocks = nn.ModuleList(blocks)
+        self.dropout_input = nn.Dropout(cfg.dropout_input)
+
+        self.apply(_init_bert_params)
+        for enc in self.modality_encoders.values():
+            enc.reset_parameters()
+
+        self.teacher = self._make_teacher()
+        # Number of the last update the teacher was moved at; saved with the model so that a
+        # resumed run does not update twice.
+        self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+        self._ema: Optional[EMAUpdater] = None
+
+    # ------------------------------------------------------------------ teacher
+    def _make_teacher(self) -> nn.Module:
+        """An exact copy of what the teacher holds per modality (spec §2.2), frozen."""
+        teacher = nn.Module()
+        teacher.blocks = copy.deepcopy(self.blocks)
+        encs = nn.ModuleDict()
+        for m, enc in self.modality_encoders.items():
+            kind = enc.mcfg.teacher_encoder
+            if kind == "none":
+                continue
+            t = copy.deepcopy(enc)
+            t.decoder = None
+            if kind == "no_local":
+                t.local_encoder = None
+                if hasattr(t, "project_features"):
+                    t.project_features = None
+            encs[m] = t
+        teacher.modality_encoders = encs
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        teacher.eval()
+        return teacher
+
+    def train(self, mode: bool = True) -> "Data2Vec2":
+        super().train(mode)
+        self.teacher.eval()  # the teacher never uses dropout or layerdrop
+        return self
+
+    def _apply(self, fn, *args, **kwargs):  # .to()/.cuda() may swap tensors: re-pair lazily
+        self._ema = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def ema_decay(self, num_updates: int) -> float:
+        c = self.cfg
+        return ema_decay_at(num_updates, c.ema_decay, c.ema_end_decay, c.ema_anneal_end_step)
+
+    @torch.no_grad()
+    def update_teacher(self, num_updates: int) -> float:
+        """Move the teacher towards the student; call after each optimizer step.
+
+        Skipped when ``num_updates`` did not increase (an overflow step, or the first call after
+        a resume) and once the decay reaches 1.0 (frozen teacher). Returns the decay used.
+        """
+        decay = self.ema_decay(num_updates)
+        if num_updates <= int(self.ema_updates) or decay >= 1.0:
+            self.ema_updates.fill_(max(num_updates, int(self.ema_updates)))
+            return decay
+        if self._ema is None:
+            self._ema = EMAUpdater(self.teacher, self)
+        self._ema.step(decay)
+        self.ema_updates.fill_(num_updates)
+        return decay
+
+    # ------------------------------------------------------------------ helpers
+    def encoder(self, modality: str) -> ModalityEncoder:
+        if modality not in MODALITIES:
+            raise InputError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
+        if modality not in self.modality_encoders:
+            raise InputError(
+                f"this model has no {modality!r} encoder; it was built for {', '.join(self.modality_encoders)}"
+            )
+        return self.modality_encoders[modality]  # type: ignore[return-value]
+
+    def make_mask(self, modality: str, batch_size: int, length: int, device=None, generator=None) -> torch.Tensor:
+        """Draw ``batch_size * clone_batch`` masks (sample-major), True = masked."""
+        return self.encoder(modality).make_mask(batch_size * self.cfg.clone_batch, length, device, generator)
+
+    def _check_mask(self, mask: torch.Tensor, rows: int, length: int) -> tuple[torch.Tensor, int]:
+        if mask.ndim != 2 or tuple(mask.shape) != (rows, length):
+            raise InputError(
+                f"mask must have shape (B*clone_batch, T) = ({rows}, {length}), got {tuple(mask.shape)}"
+            )
+        if mask.dtype != torch.bool:
+            if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
+                raise InputError("a float mask must hold only 0 and 1 (1 = masked)")
+            mask = mask.bool()
+        counts = mask.sum(1)
+        n_masked = int(counts[0])
+        if not bool((counts == n_masked).all()):
+            raise InputError(
+                f"every mask row must mask the same number of tokens; got counts from "
+                f"{int(counts.min())} to {int(counts.max())}"
+            )
+        if n_masked >= length:
+            raise InputError(f"the mask leaves no visible token ({n_masked} of {length} masked)")
+        if n_masked == 0:
+            raise InputError("the mask masks nothing: there is nothing to predict")
+        return mask, n_masked
+
+    # ------------------------------------------------------------------ targets
+    @torch.no_grad()
+    def make_targets(self, modality: str, source: torch.Tensor, local: torch.Tensor,
+                     padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Teacher targets ``(B, T, D)`` in fp32 from the unmasked sample (spec §2.2-2.3)."""
+        enc = self.encoder(modality)
+        kind = enc.mcfg.teacher_encoder
+        if kind == "full":
+            tenc = self.teacher.modality_encoders[modality]
+            ctx = tenc.contextualize(tenc.local_features(source), padding_mask=padding_mask)
+        elif kind == "no_local":
+            ctx = self.teacher.modality_encoders[modality].contextualize(local.detach(), padding_mask=padding_mask)
+        else:
+            ctx = enc.contextualize(local.detach(), padding_mask=padding_mask)
+        k = self.cfg.average_top_k_layers
+        _, ffn = run_blocks(self.teacher.blocks, ctx.x, ctx.bias, collect_from=self.cfg.depth - k)
+        e = enc.num_extra_tokens
+        return self._normalise_targets([t[:, e:] for t in ffn])
+
+    def _normalise_targets(self, layers: list[torch.Tensor]) -> torch.Tensor:
+        c = self.cfg
+        ys = []
+        for t in layers:
+            t = t.float()
+            if c.instance_norm_target_layer:
+                t = F.instance_norm(t.transpose(1, 2)).transpose(1, 2)
+            elif c.layer_norm_target_layer:
+                t = F.layer_norm(t, t.shape[-1:])
+            ys.append(t)
+        y = ys[0].clone()
+        for t in ys[1:]:
+            y.add_(t)
+        y = y.div_(len(ys))
+        if c.layer_norm_targets:
+            y = F.layer_norm(y, y.shape[-1:])
+        if c.instance_norm_targets:
+            y = F.instance_norm(y.transpose(1, 2)).transpose(1, 2)
+        return y
+
+    def _regression(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        pred = pred.float()
+        if c.loss_beta == 0:
+            loss = F.mse_loss(pred, y, reduction="none")
+        else:
+            loss = F.smooth_l1_loss(pred, y, reduction="none", beta=c.loss_beta)
+        scale = c.loss_scale if c.loss_scale is not None else 1 / math.sqrt(pred.shape[-1])
+        return loss * scale
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        source: torch.Tensor,
+        modality: Optional[str] = None,
+        mask: Optional[torch.Tensor] = None,
+        padding_mask: Optional[torch.Tensor] = None,
+        mask_noise: Optional[torch.Tensor] = None,
+    ) -> Data2VecOutput:
+        """One pretraining forward.
+
+        ``mask``: optional ``(B*M, T)`` (True/1 = masked, rows sample-major, same count per row);
+        drawn here when None. ``mask_noise``: optional ``(B*M, T-K, D)`` values for the decoder's
+        masked positions (default N(0, mask_noise_std²)), for exact comparisons.
+        """
+        if modality is None:
+            if len(self.modality_encoders) != 1:
+                raise InputError(f"modality is required: this model has {', '.join(self.modality_encoders)}")
+            modality = next(iter(self.modality_encoders))
+        enc = self.encoder(modality)
+        if not isinstance(source, torch.Tensor):
+            raise InputError(f"source must be a torch.Tensor, got {type(source).__name__}")
+        enc.check_input(source)
+        B = source.shape[0]
+        if B == 0:
+            raise InputError("empty batch")
+        M = self.cfg.clone_batch
+        d = self.cfg.embed_dim
+
+        local = enc.local_features(source)  # (B, T, D)
+        T = local.shape[1]
+        if padding_mask is None:
+            padding_mask = enc.padding_from_source(source)
+        if padding_mask is not None and not bool(padding_mask.any()):
+            padding_mask = None
+
+        if mask is None:
+            mask = enc.make_mask(B * M, T, local.device)
+            n_masked = enc.num_masked(T)
+        else:
+            mask, n_masked = self._check_mask(mask.to(local.device), B * M, T)
+        n_keep = T - n_masked
+        # Stable sort puts kept positions first, each group in ascending order.
+        order = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)
+        keep_idx, masked_idx = order[:, :n_keep], order[:, n_keep:]
+
+        # ---- student: visible tokens only
+        ctx = enc.contextualize(local, M, mask, keep_idx, padding_mask)
+        x = self.dropout_input(ctx.x)
+        x, _ = run_blocks(self.blocks, x, ctx.bias, self.cfg.layerdrop)
+
+        # ---- decoder on the full length: encoder output back in place, noise at masked tokens
+        e = enc.num_extra_tokens
+        visible = F.dropout(x[:, e:], enc.mcfg.decoder.input_dropout, self.training)
+        if mask_noise is None:
+            std = enc.mcfg.mask_noise_std
+            mask_noise = visible.new_empty(B * M, n_masked, d)
+            mask_noise = mask_noise.normal_(0, std) if std > 0 else mask_noise.zero_()
+        packed = torch.cat([visible, mask_noise.to(visible.dtype)], dim=1)
+        dec_in = torch.empty_like(packed).scatter(1, order.unsqueeze(-1).expand(-1, -1, d), packed)
+        dec_out = enc.decoder(dec_in)
+
+        # ---- teacher targets, once per original sample
+        y = self.make_targets(modality, source, local, padding_mask)  # (B, T, D) fp32
+
+        # ---- loss at masked positions (pads, if any, are not regressed)
+        gather = masked_idx.unsqueeze(-1).expand(-1, -1, d)
+        pred = dec_out.gather(1, gather).reshape(-1, d)
+        target = y.repeat_interleave(M, 0).gather(1, gather).reshape(-1, d)
+        reg = self._regression(pred, target).sum(-1)
+        if padding_mask is not None:
+            weight = (~padding_mask.repeat_interleave(M, 0).gather(1, masked_idx)).reshape(-1).float()
+            reg = reg * weight
+            sample_size = weight.sum()
+        else:
+            sample_size = torch.tensor(float(pred.shape[0]), device=pred.device)
+        terms = {"regression": reg.sum()}
+        loss_sum = terms["regression"]
+        if self.cfg.cls_loss > 0 and e > 0:
+            cls_pred = x[:, 0]
+            cls_target = y.mean(dim=1).repeat_interleave(M, 0)
+            # fairseq multiplies by sample_size so that, after the trainer divides by it, the term
+            # is 0.01 x the sum over the B*M instances (spec §2.5).
+            terms["cls"] = self._regression(cls_pred, cls_target).sum() * (self.cfg.cls_loss * sample_size)
+            loss_sum = loss_sum + terms["cls"]
+        loss = loss_sum / sample_size.clamp_min(1)
+
+        with torch.no_grad():
+            target_var = compute_var(target)
+            pred_var = compute_var(pred.detach())
+        return Data2VecOutput(
+            loss=loss, pred=pred, target=target, mask=mask, sample_size=sample_size,
+            loss_sum=loss_sum, loss_terms=terms, target_var=target_var, pred_var=pred_var,
+        )
+
+    # ------------------------------------------------------------------ guard & features
+    def check_collapse(self, out: Data2VecOutput, step: int) -> None:
+        """Collapse guard (spec §2.7) and NaN/Inf guard; raises ``CollapseError`` with the cause."""
+        if not bool(torch.isfinite(out.loss)):
+            raise CollapseError(f"step {step}: loss is {float(out.loss)} (not finite)")
+        if step < self.cfg.collapse_check_after:
+            return
+        tv, pv = float(out.target_var), float(out.pred_var)
+        if tv < self.cfg.min_target_var:
+            raise CollapseError(
+                f"step {step}: target variance {tv:.4g} < min_target_var={self.cfg.min_target_var} (teacher collapsed)"
+            )
+        if pv < self.cfg.min_pred_var:
+            raise CollapseError(
+                f"step {step}: prediction variance {pv:.4g} < min_pred_var={self.cfg.min_pred_var} (student collapsed)"
+            )
+
+    @torch.no_grad()
+    def extract_features(
+        self,
+        source: torch.Tensor,
+        modality: Optional[str] = None,
+        padding_mask: Optional[torch.Tensor] = None,
+        remove_extra_tokens: bool = True,
+    ) -> dict[str, object]:
+        """Student features without masking: ``x`` (B, T, D) and every block's FFN output."""
+        modality = modality or next(iter(self.modality_encoders))
+        enc = self.encoder(modality)
+        enc.check_input(source)
+        local = enc.local_features(source)
+        if padding_mask is None:
+            padding_mask = enc.padding_from_source(source)
+        ctx = enc.contextualize(local, padding_mask=padding_mask)
+        x, layers = run_blocks(self.blocks, ctx.x, ctx.bias, collect_from=0)
+        if remove_extra_tokens:
+            x = x[:, enc.num_extra_tokens:]
+        return {"x": x, "layer_results": layers, "padding_mask": padding_mask}
+
+    # ------------------------------------------------------------------ optimiser groups
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Student parameters split into decayed and non-decayed groups (spec §2.7).
+
+        No decay for 1-D tensors, biases and the ALiBi scale. The teacher is never included.
+        """
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad or name.startswith("teacher."):
+                continue
+            if p.ndim <= 1 or name.endswith(".bias") or "alibi_scale" in name:
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def num_parameters(self, modality: Optional[str] = None, encoder_only: bool = True) -> int:
+        """Trainable student parameters of one modality's encoder path (blocks included)."""
+        seen = set()
+        total = 0
+        mods = [modality] if modality else list(self.modality_encoders)
+        for name, p in self.named_parameters():
+            if name.startswith("teacher.") or id(p) in seen:
+                continue
+            if name.startswith("modality_encoders."):
+                m = name.split(".")[1]
+                if m not in mods or (encoder_only and ".decoder." in name):
+                    continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
