@@ -73,7 +73,8 @@ class Data2Vec2(nn.Module):
         self.modality_encoders = nn.ModuleDict(
             {m: ENCODERS[m](cfg, getattr(cfg, m)) for m in cfg.modalities}
         )
-        dpr = torch.linspace(cfg.start_drop_path_rate, cfg.end_drop_path_rate, cfg.depth).tolist()
+        n = max(cfg.depth - 1, 1)
+        dpr = [cfg.start_drop_path_rate + (cfg.end_drop_path_rate - cfg.start_drop_path_rate) * i / n for i in range(cfg.depth)]
         blocks = make_blocks(
             cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps,
             cfg.attention_dropout, cfg.encoder_dropout, cfg.activation_dropout, cfg.post_mlp_drop, dpr,

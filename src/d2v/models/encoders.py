@@ -94,6 +94,10 @@ class ModalityEncoder(nn.Module):
         """The exact masked count per row that ``make_mask`` gives for ``length`` tokens."""
         raise NotImplementedError
 
+    def num_tokens(self, source_shape: tuple[int, ...]) -> int:
+        """How many tokens (patches, frames, ids) a sample of this shape becomes."""
+        raise NotImplementedError
+
     def _positions(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Full-length positional term added before tokens are dropped (fixed or conv)."""
         return x
@@ -190,6 +194,9 @@ class ImageEncoder(ModalityEncoder):
 
     def local_features(self, source: torch.Tensor) -> torch.Tensor:
         return self.local_encoder(source)
+
+    def num_tokens(self, source_shape: tuple[int, ...]) -> int:
+        return self.grid * self.grid
 
     def contextualize(self, local, clones=1, mask=None, keep_idx=None, padding_mask=None) -> Contextualized:
         # Positions go on before cloning (same result, M times less work).
@@ -325,6 +332,9 @@ class SpeechEncoder(ModalityEncoder):
     def local_features(self, source: torch.Tensor) -> torch.Tensor:
         return self.project_features(self.local_encoder(source))
 
+    def num_tokens(self, source_shape: tuple[int, ...]) -> int:
+        return self.local_encoder.output_length(source_shape[-1])
+
     def _positions(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         # Masked frames are zeroed before the conv positional net sees the full length (spec §2.1).
         x0 = x if mask is None or not self.mcfg.encoder_zero_mask else x * (~mask).unsqueeze(-1).to(x.dtype)
@@ -405,6 +415,9 @@ class TextEncoder(ModalityEncoder):
 
     def local_features(self, source: torch.Tensor) -> torch.Tensor:
         return self.local_encoder(source)
+
+    def num_tokens(self, source_shape: tuple[int, ...]) -> int:
+        return source_shape[-1]
 
     def padding_from_source(self, source: torch.Tensor) -> Optional[torch.Tensor]:
         pad = source.eq(self.mcfg.pad_idx)  # type: ignore[attr-defined]

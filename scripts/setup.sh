@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Create .venv with the pinned stack (requirements.lock) and the d2v package, once.
+# Re-installs only when requirements.lock or pyproject.toml change. Safe to run repeatedly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+
+PY="${PYTHON:-python3}"
+if ! "$PY" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)'; then
+  echo "setup: Python 3.11 is required (found $("$PY" --version 2>&1)); set PYTHON=/path/to/python3.11" >&2
+  exit 1
+fi
+stamp_want="$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)"
+stamp_have="$(cat .venv/.d2v-stamp 2>/dev/null || true)"
+if [ "$stamp_want" != "$stamp_have" ] || ! .venv/bin/python -c 'import d2v' 2>/dev/null; then
+  echo "setup: installing the pinned stack into .venv (first time: ~3 min, ~6 GB) ..."
+  [ -x .venv/bin/python ] || "$PY" -m venv .venv
+  # pip's log goes to a file (some machines' global pip config adds missing local wheel folders,
+  # one warning per package); on failure the log is shown without that noise.
+  pip_or_fail() {
+    if ! .venv/bin/pip install -q "$@" > .venv/pip.log 2>&1; then
+      grep -v "is ignored: it is neither" .venv/pip.log >&2
+      echo "setup: pip install $* failed" >&2
+      exit 1
+    fi
+  }
+  pip_or_fail -r requirements.lock
+  pip_or_fail --no-deps -e .
+  .venv/bin/python -c 'import d2v, torch, torchaudio, dvc, mlflow, prefect, hydra, webdataset, sentencepiece, great_expectations' \
+    || { echo "setup: the install is incomplete" >&2; exit 1; }
+  echo "$stamp_want" > .venv/.d2v-stamp
+fi

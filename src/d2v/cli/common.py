@@ -1,0 +1,52 @@
+"""Shared CLI plumbing: config loading from params.yaml or conf/, and clean error exits."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from d2v.config import Config, from_dict, load_config
+from d2v.models.config import ConfigError
+from d2v.models.encoders import InputError
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", type=Path, default=None,
+                   help="read the experiment from this params file (e.g. params.yaml) instead of composing conf/")
+    p.add_argument("--config-name", default="config", help="primary config in conf/ (default: config)")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=tiny train.max_steps=20")
+
+
+def config_from_args(ns: argparse.Namespace) -> Config:
+    if ns.params is not None:
+        if ns.overrides:
+            raise ConfigError("give either --params or Hydra overrides, not both")
+        if not ns.params.is_file():
+            raise ConfigError(f"params file not found: {ns.params}")
+        try:
+            d = yaml.safe_load(ns.params.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{ns.params}: not valid YAML: {e}") from e
+        if not isinstance(d, dict):
+            raise ConfigError(f"{ns.params}: expected a mapping at the top level")
+        try:
+            return from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{ns.params}: {e}") from e
+    return load_config(ns.overrides, config_name=ns.config_name)
+
+
+def run_cli(fn: Callable[[], int]) -> int:
+    """Run a command; turn expected errors into one readable line and exit code 2."""
+    try:
+        return fn()
+    except (ConfigError, InputError, FileNotFoundError) as e:
+        print(f"d2v: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("d2v: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,37 @@
+"""``d2v``: one subcommand per pipeline stage. ``d2v <command> --help`` for each."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Modules are imported only when their command runs, so
+# ``d2v --help`` stays fast (MLflow, Prefect and GX take seconds to import).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "pretrain": ("d2v.cli.pretrain", "self-supervised pretraining of the data2vec 2.0 model (DVC stage 'pretrain')"),
+    "compose": ("d2v.cli.compose", "compose conf/ with Hydra overrides into params.yaml (or print it)"),
+    "describe": ("d2v.cli.describe", "print a config's architecture: parameter counts per modality, token counts"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="d2v",
+        description="data2vec 2.0 for image, speech and text: pipeline stages.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n" + "\n".join(f"  {n:<10} {h}" for n, (_, h) in COMMANDS.items()),
+    )
+    parser.add_argument("command", choices=list(COMMANDS), metavar="command", help="one of: " + ", ".join(COMMANDS))
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the command (see d2v <command> --help)")
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    ns = parser.parse_args(argv[:1])
+    module = importlib.import_module(COMMANDS[ns.command][0])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""Experiment configuration: typed dataclasses, composed by Hydra from ``conf/``.
+
+``conf/`` is the source of truth (config groups ``model``, ``train``, ``data``, ``experiment``);
+``load_config`` composes it with overrides, merges it onto these dataclasses (unknown keys and
+wrong types fail with the key's full name) and validates the values.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from d2v.models.config import MODALITIES, ConfigError, ModelConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and run control for pretraining (spec §5 for the released values)."""
+
+    modalities: list[str] = field(default_factory=lambda: ["image"])  # trained in turn, one batch each
+    batch_size: int = 16  # samples per step per modality (per process)
+    max_steps: int = 100
+    warmup_steps: int = 10
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    clip_norm: float = 0.0  # 0 = no clipping
+    grad_accum: int = 1
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    device: str = "auto"
+    threads: int = 0  # torch CPU threads, 0 = torch default
+    log_every: int = 10
+    out_dir: str = "models/pretrain"
+
+
+@dataclass
+class DataConfig:
+    """Where pretraining batches come from. ``sample``: small built-in data (no download)."""
+
+    source: str = "sample"
+    num_samples: int = 512  # per modality, for the sample source
+    audio_seconds: float = 1.0
+    text_length: int = 64
+    num_workers: int = 0
+
+
+@dataclass
+class Config:
+    seed: int = 1
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        t = self.train
+
+        def need(cond: bool, name: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"{name}: {msg}")
+
+        need(len(t.modalities) > 0, "train.modalities", "list at least one modality")
+        for m in t.modalities:
+            need(m in MODALITIES, "train.modalities", f"unknown modality {m!r}; expected {', '.join(MODALITIES)}")
+            need(getattr(self.model, m) is not None, "train.modalities", f"{m!r} is trained but model.{m} is not configured")
+        need(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
+        need(t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
+        need(0 <= t.warmup_steps, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+        need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+        need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", f"two values in [0, 1), got {t.betas}")
+        need(t.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {t.grad_accum}")
+        need(t.precision in ("auto", "fp32", "bf16"), "train.precision", f"auto|fp32|bf16, got {t.precision!r}")
+        need(self.data.source in ("sample",), "data.source", f"unknown source {self.data.source!r}")
+        return self
+
+
+def conf_dir() -> Path:
+    return Path(os.environ.get("D2V_CONF_DIR", PROJECT_ROOT / "conf"))
+
+
+def load_config(overrides: Sequence[str] = (), config_name: str = "config", config_dir: Optional[Path] = None) -> Config:
+    """Compose ``conf/<config_name>.yaml`` with Hydra overrides into a validated ``Config``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    cdir = Path(config_dir or conf_dir()).resolve()
+    if not (cdir / f"{config_name}.yaml").is_file():
+        raise ConfigError(f"config {config_name!r} not found in {cdir}")
+    try:
+        with initialize_config_dir(config_dir=str(cdir), version_base="1.3"):
+            composed = compose(config_name=config_name, overrides=list(overrides))
+    except HydraException as e:
+        raise ConfigError(f"cannot compose config: {e}") from e
+    return from_dict(OmegaConf.to_container(composed, resolve=True))  # type: ignore[arg-type]
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    """Typed merge of a plain dict (e.g. ``params.yaml``) onto ``Config``; errors name the key."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), d)
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{key}: {msg}" if key else msg) from e
+    return cfg.validate()
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
