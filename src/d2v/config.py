@@ -39,6 +39,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0  # torch CPU threads, 0 = torch default
     log_every: int = 10
+    ckpt_every: int = 0  # also checkpoint every N steps (0: only at the end)
     out_dir: str = "models/pretrain"
 
 

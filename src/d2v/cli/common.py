@@ -7,11 +7,12 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-import yaml
+from typing import TYPE_CHECKING
 
-from d2v.config import Config, from_dict, load_config
-from d2v.models.config import ConfigError
-from d2v.models.encoders import InputError
+from d2v.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from d2v.config import Config
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -21,7 +22,11 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=tiny train.max_steps=20")
 
 
-def config_from_args(ns: argparse.Namespace) -> Config:
+def config_from_args(ns: argparse.Namespace) -> "Config":
+    import yaml
+
+    from d2v.config import from_dict, load_config
+
     if ns.params is not None:
         if ns.overrides:
             raise ConfigError("give either --params or Hydra overrides, not both")

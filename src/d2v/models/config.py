@@ -11,11 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from d2v.errors import ConfigError
+
 MODALITIES = ("image", "speech", "text")
-
-
-class ConfigError(ValueError):
-    """A config value is malformed; the message names the field."""
 
 
 @dataclass

@@ -21,14 +21,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from d2v.errors import InputError
+
 from . import masking
 from .blocks import attention_bias, make_blocks, run_blocks
 from .config import ImageConfig, ModalityConfig, ModelConfig, SpeechConfig, TextConfig, parse_conv_spec
 from .decoders import Decoder1d, Decoder2d, _ChannelLayerNorm, _SamePad
-
-
-class InputError(ValueError):
-    """A batch has the wrong shape, dtype or content; the message says what is wrong."""
 
 
 @dataclass

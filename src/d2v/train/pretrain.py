@@ -64,8 +64,19 @@ def atomic_save(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _state(model, opt, step: int, cfg: Config) -> dict:
+    return {
+        "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "config": to_dict(cfg),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
 def pretrain(cfg: Config, resume: bool = False, progress: bool = True,
-             metrics_path: Optional[Path] = None, history_path: Optional[Path] = None) -> PretrainResult:
+             metrics_path: Optional[Path] = None, history_path: Optional[Path] = None,
+             stop_after: Optional[int] = None) -> PretrainResult:
+    """Pretrain ``cfg``; ``stop_after`` ends the run early after that step's checkpoint
+    (an interruption, for tests); ``resume`` continues from the checkpoint in ``train.out_dir``."""
     cfg.validate()
     t = cfg.train
     torch.manual_seed(cfg.seed)
@@ -87,6 +98,10 @@ def pretrain(cfg: Config, resume: bool = False, progress: bool = True,
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
+        torch.set_rng_state(state["rng_cpu"])
+        if state["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        print(f"resumed from {ckpt_path} at step {start}")
     elif resume:
         print(f"--resume: no checkpoint at {ckpt_path}, starting from step 0")
 
@@ -139,6 +154,13 @@ def pretrain(cfg: Config, resume: bool = False, progress: bool = True,
         elif t.log_every and (step + 1) % t.log_every == 0:
             print(f"step {step + 1}/{t.max_steps} {modality} loss {loss:.4f} lr {lr:.2e} "
                   f"tvar {row['target_var']:.3f} pvar {row['pred_var']:.3f}", flush=True)
+        if t.ckpt_every and (step + 1) % t.ckpt_every == 0 and step + 1 < t.max_steps:
+            atomic_save(_state(model, opt, step + 1, cfg), ckpt_path)
+        if stop_after is not None and step + 1 >= stop_after:
+            atomic_save(_state(model, opt, step + 1, cfg), ckpt_path)
+            bar.close()
+            result.checkpoint = str(ckpt_path)
+            return result
     bar.close()
 
     result.samples_per_s = n_samples / max(1e-9, time.perf_counter() - t_start)
@@ -146,9 +168,7 @@ def pretrain(cfg: Config, resume: bool = False, progress: bool = True,
         if ts:  # median step time, skipping the first (warm-up) step
             s = sorted(ts[1:] or ts)
             result.step_time_s[m] = s[len(s) // 2]
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": t.max_steps,
-             "config": to_dict(cfg)}
-    atomic_save(state, ckpt_path)
+    atomic_save(_state(model, opt, t.max_steps, cfg), ckpt_path)
     result.checkpoint = str(ckpt_path)
     (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
