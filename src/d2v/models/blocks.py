@@ -105,7 +105,7 @@ def attention_bias(
 ) -> Optional[torch.Tensor]:
     """Fold key padding (True = pad) and an ALiBi bias into one additive attention bias."""
     bias = alibi
-    if padding_mask is not None and bool(padding_mask.any()):
+    if padding_mask is not None:
         pad = torch.zeros(padding_mask.shape, dtype=dtype, device=padding_mask.device)
         pad = pad.masked_fill(padding_mask, float("-inf"))[:, None, None, :]
         bias = pad if bias is None else bias.to(dtype) + pad

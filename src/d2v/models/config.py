@@ -200,14 +200,22 @@ class ModelConfig:
                  f"must be one of full/no_local/none, got {mc.teacher_encoder!r}")
             d = mc.decoder
             need(d.decoder_layers >= 1, f"{m}.decoder.decoder_layers", "must be >= 1")
+            need(d.decoder_dim >= 1 and d.decoder_kernel >= 1, f"{m}.decoder.decoder_dim", "decoder_dim and decoder_kernel must be >= 1")
+            need(d.decoder_groups >= 1, f"{m}.decoder.decoder_groups", f"must be >= 1, got {d.decoder_groups}")
             need(d.decoder_dim % d.decoder_groups == 0 and self.embed_dim % d.decoder_groups == 0,
                  f"{m}.decoder.decoder_groups",
                  f"decoder_dim={d.decoder_dim} and embed_dim={self.embed_dim} must be divisible by groups={d.decoder_groups}")
         if self.image is not None:
             im = self.image
+            need(im.patch_size >= 1 and im.input_size >= 1, "image.patch_size", "patch_size and input_size must be >= 1")
+            need(im.in_chans >= 1, "image.in_chans", f"must be >= 1, got {im.in_chans}")
             need(im.input_size % im.patch_size == 0, "image.input_size",
                  f"input_size={im.input_size} is not a multiple of patch_size={im.patch_size}")
             need(self.embed_dim % 4 == 0, "embed_dim", "2-D sin-cos positions need embed_dim divisible by 4")
+            need(im.mask_length >= 2, "image.mask_length", f"block masking needs mask_length >= 2, got {im.mask_length}")
+            n = (im.input_size // im.patch_size) ** 2
+            kept = int(n * (1 - im.mask_prob)) if im.inverse_mask else n - int(n * im.mask_prob)
+            need(1 <= kept < n, "image.mask_prob", f"mask_prob={im.mask_prob} keeps {kept} of {n} patches; need 1..{n - 1}")
         if self.speech is not None:
             sp = self.speech
             try:
@@ -215,6 +223,10 @@ class ModelConfig:
             except Exception as e:  # noqa: BLE001 - re-raised with the field name
                 raise ConfigError(f"model.speech.feature_encoder_spec: cannot parse {sp.feature_encoder_spec!r}: {e}") from e
             need(len(spec) > 0, "speech.feature_encoder_spec", "needs at least one conv layer")
+            need(all(c >= 1 and k >= 1 and st >= 1 for c, k, st in spec), "speech.feature_encoder_spec",
+                 "channels, kernels and strides must be >= 1")
+            need(sp.conv_pos_groups >= 1 and sp.conv_pos_depth >= 1, "speech.conv_pos_groups",
+                 "conv_pos_groups and conv_pos_depth must be >= 1")
             need(self.embed_dim % sp.conv_pos_groups == 0, "speech.conv_pos_groups",
                  f"embed_dim={self.embed_dim} is not divisible by conv_pos_groups={sp.conv_pos_groups}")
         if self.text is not None:

@@ -165,8 +165,8 @@ class Data2Vec2(nn.Module):
                 f"mask must have shape (B*clone_batch, T) = ({rows}, {length}), got {tuple(mask.shape)}"
             )
         if mask.dtype != torch.bool:
-            if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
-                raise InputError("a float mask must hold only 0 and 1 (1 = masked)")
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise InputError("a mask must hold only 0 and 1 (1 = masked)")
             mask = mask.bool()
         counts = mask.sum(1)
         n_masked = int(counts[0])
@@ -180,6 +180,26 @@ class Data2Vec2(nn.Module):
         if n_masked == 0:
             raise InputError("the mask masks nothing: there is nothing to predict")
         return mask, n_masked
+
+    @staticmethod
+    def _padding(enc: ModalityEncoder, source: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The key padding mask (True = pad), or None when nothing is padded.
+
+        Deciding "nothing is padded" needs a look at the values; that is free on the CPU, so it
+        is only done there (pass a CPU padding mask from the loader to keep the GPU unsynced).
+        """
+        if padding_mask is None:
+            padding_mask = enc.padding_from_source(source)
+        if padding_mask is None:
+            return None
+        want = (source.shape[0], enc.num_tokens(tuple(source.shape)))
+        if tuple(padding_mask.shape) != want:
+            raise InputError(f"padding_mask must have shape (B, tokens) = {want}, got {tuple(padding_mask.shape)}")
+        if padding_mask.device.type == "cpu":
+            if not bool(padding_mask.any()):
+                return None
+            padding_mask = padding_mask.to(source.device, non_blocking=True)
+        return padding_mask.bool()
 
     # ------------------------------------------------------------------ targets
     @torch.no_grad()
@@ -259,18 +279,22 @@ class Data2Vec2(nn.Module):
         M = self.cfg.clone_batch
         d = self.cfg.embed_dim
 
-        local = enc.local_features(source)  # (B, T, D)
-        T = local.shape[1]
-        if padding_mask is None:
-            padding_mask = enc.padding_from_source(source)
-        if padding_mask is not None and not bool(padding_mask.any()):
-            padding_mask = None
-
+        T = enc.num_tokens(tuple(source.shape))
+        padding_mask = self._padding(enc, source, padding_mask)
         if mask is None:
-            mask = enc.make_mask(B * M, T, local.device)
             n_masked = enc.num_masked(T)
+            if not 1 <= n_masked < T:
+                raise InputError(
+                    f"{modality} input of {T} tokens is too short to mask with mask_prob="
+                    f"{enc.mcfg.mask_prob}: it gives {n_masked} masked; need 1..{T - 1}"
+                )
+            mask = enc.make_mask(B * M, T, source.device)
         else:
-            mask, n_masked = self._check_mask(mask.to(local.device), B * M, T)
+            # Checked where it was made (the loader's CPU: no device sync), then moved.
+            mask, n_masked = self._check_mask(mask, B * M, T)
+            mask = mask.to(source.device, non_blocking=True)
+
+        local = enc.local_features(source)  # (B, T, D)
         n_keep = T - n_masked
         # Stable sort puts kept positions first, each group in ascending order.
         order = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)
@@ -284,6 +308,8 @@ class Data2Vec2(nn.Module):
         # ---- decoder on the full length: encoder output back in place, noise at masked tokens
         e = enc.num_extra_tokens
         visible = F.dropout(x[:, e:], enc.mcfg.decoder.input_dropout, self.training)
+        if mask_noise is not None and tuple(mask_noise.shape) != (B * M, n_masked, d):
+            raise InputError(f"mask_noise must have shape {(B * M, n_masked, d)}, got {tuple(mask_noise.shape)}")
         if mask_noise is None:
             std = enc.mcfg.mask_noise_std
             mask_noise = visible.new_empty(B * M, n_masked, d)
@@ -303,7 +329,7 @@ class Data2Vec2(nn.Module):
         if padding_mask is not None:
             weight = (~padding_mask.repeat_interleave(M, 0).gather(1, masked_idx)).reshape(-1).float()
             reg = reg * weight
-            sample_size = weight.sum()
+            sample_size = weight.sum()  # a batch of pure padding gives 0: the loss is then 0
         else:
             sample_size = torch.tensor(float(pred.shape[0]), device=pred.device)
         terms = {"regression": reg.sum()}
@@ -351,12 +377,14 @@ class Data2Vec2(nn.Module):
         remove_extra_tokens: bool = True,
     ) -> dict[str, object]:
         """Student features without masking: ``x`` (B, T, D) and every block's FFN output."""
-        modality = modality or next(iter(self.modality_encoders))
+        if modality is None:
+            if len(self.modality_encoders) != 1:
+                raise InputError(f"modality is required: this model has {', '.join(self.modality_encoders)}")
+            modality = next(iter(self.modality_encoders))
         enc = self.encoder(modality)
         enc.check_input(source)
         local = enc.local_features(source)
-        if padding_mask is None:
-            padding_mask = enc.padding_from_source(source)
+        padding_mask = self._padding(enc, source, padding_mask)
         ctx = enc.contextualize(local, padding_mask=padding_mask)
         x, layers = run_blocks(self.blocks, ctx.x, ctx.bias, collect_from=0)
         if remove_extra_tokens:

@@ -60,6 +60,11 @@ class ContextEncoder(nn.Module):
         return x
 
 
+def _check_float(source: torch.Tensor, want: torch.dtype, what: str) -> None:
+    if source.dtype != want:
+        raise InputError(f"{what} must be a {want} tensor (the weights' dtype), got {source.dtype}; convert it first")
+
+
 def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
@@ -187,8 +192,7 @@ class ImageEncoder(ModalityEncoder):
         want = (m.in_chans, m.input_size, m.input_size)
         if source.ndim != 4 or tuple(source.shape[1:]) != want:
             raise InputError(f"image batch must have shape (B, {want[0]}, {want[1]}, {want[2]}), got {tuple(source.shape)}")
-        if not source.is_floating_point():
-            raise InputError(f"image batch must be a float tensor (normalised pixels), got dtype {source.dtype}")
+        _check_float(source, self.local_encoder.proj.weight.dtype, "image batch: a float tensor of normalised pixels")
 
     def local_features(self, source: torch.Tensor) -> torch.Tensor:
         return self.local_encoder(source)
@@ -322,8 +326,7 @@ class SpeechEncoder(ModalityEncoder):
     def check_input(self, source: torch.Tensor) -> None:
         if source.ndim != 2:
             raise InputError(f"speech batch must be a (B, samples) waveform tensor, got shape {tuple(source.shape)}")
-        if not source.is_floating_point():
-            raise InputError(f"speech batch must be a float waveform, got dtype {source.dtype}")
+        _check_float(source, self.project_features[2].weight.dtype, "speech batch: a float waveform")
         if self.local_encoder.output_length(source.shape[1]) < 2:
             raise InputError(f"speech clip of {source.shape[1]} samples is too short for the feature extractor")
 

@@ -129,9 +129,11 @@ def pretrain(cfg: Config, resume: bool = False, progress: bool = True,
             length = enc.num_tokens(tuple(src.shape))
             gen = step_generator(cfg.seed, step * t.grad_accum + micro, salt=17)
             mask = enc.make_mask(t.batch_size * cfg.model.clone_batch, length, torch.device("cpu"), gen)
-            src, mask = src.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+            # Mask and padding stay on the CPU: the model checks them there (no device sync).
+            pad = src.eq(cfg.model.text.pad_idx) if modality == "text" else None
+            src = src.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                out = model(src, modality, mask=mask)
+                out = model(src, modality, mask=mask, padding_mask=pad)
             (out.loss / t.grad_accum).backward()
             losses.append(out.loss.detach())
         if t.clip_norm > 0:

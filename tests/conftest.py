@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny model configs and batches, a fixed seed per test, two CPU threads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from d2v.models import DecoderConfig, ImageConfig, ModelConfig, SpeechConfig, TextConfig
+
+torch.set_num_threads(2)
+
+# wav2vec 2.0 strides (total 320) with 32 channels: 8000 samples -> 24 frames.
+SPEECH_SPEC = "[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2"
+SPEECH_SAMPLES = 8000
+TEXT_LEN = 32
+VOCAB = 100
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def build_cfg(*modalities: str, **overrides) -> ModelConfig:
+    """A tiny config (D=32, 3 blocks, 4 heads, no dropout, M=2) for the given modalities.
+
+    Keyword overrides set ``ModelConfig`` fields; ``image=``/``speech=``/``text=`` take a dict of
+    fields for that modality's config. Image: 28x28x1, patch 4 (7x7 grid, 9 of 49 kept);
+    speech: 8000 samples -> 24 frames (12 masked); text: vocab 100, 32 tokens (16 masked).
+    """
+    mods = modalities or ("image",)
+    per_mod = {m: overrides.pop(m, {}) for m in ("image", "speech", "text")}
+    kw = dict(
+        embed_dim=32, depth=3, num_heads=4, mlp_ratio=4.0,
+        encoder_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, post_mlp_drop=0.0,
+        layerdrop=0.0, average_top_k_layers=2, clone_batch=2,
+        layer_norm_targets=mods == ("image",), cls_loss=0.01 if "image" in mods else 0.0,
+        ema_decay=0.99, ema_end_decay=0.999, ema_anneal_end_step=100,
+        min_target_var=0.0, min_pred_var=0.0, collapse_check_after=10,
+    )
+    if "image" in mods:
+        kw["image"] = ImageConfig(**{
+            **dict(input_size=28, in_chans=1, patch_size=4, prenet_depth=1,
+                   decoder=DecoderConfig(decoder_dim=32, decoder_groups=4, decoder_kernel=3, decoder_layers=2,
+                                         input_dropout=0.0)),
+            **per_mod["image"],
+        })
+    if "speech" in mods:
+        kw["speech"] = SpeechConfig(**{
+            **dict(feature_encoder_spec=SPEECH_SPEC, conv_pos_width=10, conv_pos_groups=4, conv_pos_depth=2,
+                   prenet_dropout=0.0, prenet_layerdrop=0.0,
+                   decoder=DecoderConfig(decoder_dim=32, decoder_groups=4, decoder_kernel=5, decoder_layers=2,
+                                         input_dropout=0.0)),
+            **per_mod["speech"],
+        })
+    if "text" in mods:
+        kw["text"] = TextConfig(**{
+            **dict(vocab_size=VOCAB, max_source_positions=64, dropout=0.0,
+                   decoder=DecoderConfig(decoder_dim=32, decoder_groups=1, decoder_kernel=5, decoder_layers=2,
+                                         input_dropout=0.0, decoder_residual=False, projection_layers=2,
+                                         projection_ratio=2.0)),
+            **per_mod["text"],
+        })
+    kw.update(overrides)
+    return ModelConfig(**kw)
+
+
+def make_batch(modality: str, batch_size: int = 2) -> torch.Tensor:
+    """A random batch matching ``build_cfg`` (text ids avoid the specials 0..3, so no padding)."""
+    if modality == "image":
+        return torch.randn(batch_size, 1, 28, 28)
+    if modality == "speech":
+        return torch.randn(batch_size, SPEECH_SAMPLES)
+    return torch.randint(4, VOCAB, (batch_size, TEXT_LEN))
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    return build_cfg
+
+
+@pytest.fixture(scope="session")
+def batch():
+    return make_batch
