@@ -13,7 +13,7 @@ from d2v.train.pretrain import CHECKPOINT, lr_at, pretrain
 
 def tiny(tmp_path, *extra: str):
     return load_config([
-        "experiment=tiny", "data.num_samples=64", f"train.out_dir={tmp_path / 'out'}",
+        "experiment=tiny", "data=sample", "data.num_samples=64", f"train.out_dir={tmp_path / 'out'}",
         "train.batch_size=8", *extra,
     ])
 

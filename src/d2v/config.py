@@ -44,14 +44,74 @@ class TrainConfig:
 
 
 @dataclass
+class ImageDataConfig:
+    """``fashion_mnist``: Debian's package or the official files (IDX, checksummed);
+    ``imagenet_folder``: an ImageNet-style ``<folder>/{train,val}/<class>/*.JPEG`` tree the user provides."""
+
+    dataset: str = "fashion_mnist"
+    folder: str = ""  # for imagenet_folder
+    val_count: int = 5000  # held out from the official train split (seeded); test = the official test split
+    max_train: int = 0  # 0: all
+
+
+@dataclass
+class SpeechDataConfig:
+    """``espeak_words``: spoken words synthesised with espeak-ng (no download beyond PyPI);
+    ``librispeech``: LibriSpeech subsets from openslr.org (needs internet)."""
+
+    dataset: str = "espeak_words"
+    num_words: int = 35  # the Speech Commands v2 vocabulary, first N
+    accents: list[str] = field(default_factory=lambda: ["en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc"])
+    variants: list[str] = field(default_factory=lambda: ["m1", "m3", "m5", "f1", "f3", "f5", "klatt", "croak"])
+    rates: list[int] = field(default_factory=lambda: [140, 200])
+    pitches: list[int] = field(default_factory=lambda: [35, 65])
+    val_voices: list[str] = field(default_factory=lambda: ["en-029+f3"])  # accent+variant held out for val
+    test_voices: list[str] = field(default_factory=lambda: ["en-gb-scotland+m5", "en-us+klatt"])  # held out for test
+    sample_rate: int = 16000
+    subsets: list[str] = field(default_factory=lambda: ["train-clean-100", "dev-clean", "test-clean"])  # librispeech
+
+
+@dataclass
+class TextDataConfig:
+    """``kjv_rt``: KJV Bible + a Wikipedia sample (pretraining) and Rotten-Tomatoes snippets (labelled);
+    ``wikitext103``: WikiText-103 raw (needs internet)."""
+
+    dataset: str = "kjv_rt"
+    min_chars: int = 8
+    max_chars: int = 2000
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+
+
+@dataclass
+class ShardConfig:
+    maxcount: int = 2000  # samples per shard
+    min_shards: int = 4  # at least ranks x loader workers
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 4000
+    model_type: str = "unigram"
+    character_coverage: float = 1.0
+
+
+@dataclass
 class DataConfig:
-    """Where pretraining batches come from. ``sample``: small built-in data (no download)."""
+    """Where pretraining batches come from: ``shards`` (the DVC data stages) or ``sample``
+    (small built-in data, no download)."""
 
     source: str = "sample"
+    root: str = "data"
     num_samples: int = 512  # per modality, for the sample source
-    audio_seconds: float = 1.0
-    text_length: int = 64
+    audio_seconds: float = 1.0  # crop length for speech batches
+    text_length: int = 64  # tokens per text block
     num_workers: int = 0
+    image: ImageDataConfig = field(default_factory=ImageDataConfig)
+    speech: SpeechDataConfig = field(default_factory=SpeechDataConfig)
+    text: TextDataConfig = field(default_factory=TextDataConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
 
 @dataclass
@@ -80,7 +140,15 @@ class Config:
         need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", f"two values in [0, 1), got {t.betas}")
         need(t.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {t.grad_accum}")
         need(t.precision in ("auto", "fp32", "bf16"), "train.precision", f"auto|fp32|bf16, got {t.precision!r}")
-        need(self.data.source in ("sample",), "data.source", f"unknown source {self.data.source!r}")
+        need(self.data.source in ("sample", "shards"), "data.source", f"unknown source {self.data.source!r}")
+        need(self.data.image.dataset in ("fashion_mnist", "imagenet_folder"), "data.image.dataset",
+             f"fashion_mnist|imagenet_folder, got {self.data.image.dataset!r}")
+        need(self.data.speech.dataset in ("espeak_words", "librispeech"), "data.speech.dataset",
+             f"espeak_words|librispeech, got {self.data.speech.dataset!r}")
+        need(self.data.text.dataset in ("kjv_rt", "wikitext103"), "data.text.dataset",
+             f"kjv_rt|wikitext103, got {self.data.text.dataset!r}")
+        need(self.data.shard.maxcount >= 1, "data.shard.maxcount", "must be >= 1")
+        need(self.data.tokenizer.vocab_size >= 16, "data.tokenizer.vocab_size", "must be >= 16")
         return self
 
 

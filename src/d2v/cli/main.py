@@ -9,6 +9,10 @@ import sys
 # name -> (module, one-line help). Modules are imported only when their command runs, so
 # ``d2v --help`` stays fast (MLflow, Prefect and GX take seconds to import).
 COMMANDS: dict[str, tuple[str, str]] = {
+    "download": ("d2v.cli.download", "fetch raw data and write per-split manifests (DVC stage 'download@<modality>')"),
+    "validate": ("d2v.cli.validate", "Great Expectations checks of the manifests (DVC stage 'validate@<modality>')"),
+    "tokenizer": ("d2v.cli.tokenizer", "train the sentencepiece tokenizer on the text training split (DVC stage 'tokenizer')"),
+    "shard": ("d2v.cli.shard", "write WebDataset shards and wids indexes per split (DVC stage 'shard@<modality>')"),
     "pretrain": ("d2v.cli.pretrain", "self-supervised pretraining of the data2vec 2.0 model (DVC stage 'pretrain')"),
     "compose": ("d2v.cli.compose", "compose conf/ with Hydra overrides into params.yaml (or print it)"),
     "describe": ("d2v.cli.describe", "print a config's architecture: parameter counts per modality, token counts"),

@@ -105,8 +105,18 @@ def pretrain(cfg: Config, resume: bool = False, progress: bool = True,
     elif resume:
         print(f"--resume: no checkpoint at {ckpt_path}, starting from step 0")
 
-    data = SampleData(cfg.model, t.modalities, cfg.data.num_samples, cfg.seed,
-                      cfg.data.audio_seconds, cfg.data.text_length)
+    if cfg.data.source == "sample":
+        data = SampleData(cfg.model, t.modalities, cfg.data.num_samples, cfg.seed,
+                          cfg.data.audio_seconds, cfg.data.text_length)
+        streams = None
+    else:
+        # Shards: one resampled stream per modality, masks drawn in the loader. The stream is
+        # re-seeded from the step on resume, so a resumed run sees fresh (not identical) batches.
+        from d2v.data.loaders import make_train_loader
+
+        data = None
+        per_mod = math.ceil((t.max_steps - start) / len(t.modalities)) * t.grad_accum + 1
+        streams = {m: iter(make_train_loader(cfg, m, t.batch_size, per_mod, cfg.seed + start)) for m in t.modalities}
     result = PretrainResult(steps=t.max_steps)
     times: dict[str, list[float]] = {m: [] for m in t.modalities}
     history: list[dict] = []
@@ -124,11 +134,15 @@ def pretrain(cfg: Config, resume: bool = False, progress: bool = True,
         opt.zero_grad(set_to_none=True)
         losses = []
         for micro in range(t.grad_accum):
-            src = data.batch(modality, step * t.grad_accum + micro, t.batch_size)
             enc = model.encoder(modality)
-            length = enc.num_tokens(tuple(src.shape))
-            gen = step_generator(cfg.seed, step * t.grad_accum + micro, salt=17)
-            mask = enc.make_mask(t.batch_size * cfg.model.clone_batch, length, torch.device("cpu"), gen)
+            if streams is None:
+                src = data.batch(modality, step * t.grad_accum + micro, t.batch_size)
+                length = enc.num_tokens(tuple(src.shape))
+                gen = step_generator(cfg.seed, step * t.grad_accum + micro, salt=17)
+                mask = enc.make_mask(t.batch_size * cfg.model.clone_batch, length, torch.device("cpu"), gen)
+            else:
+                batch = next(streams[modality])
+                src, mask = batch.source, batch.mask
             # Mask and padding stay on the CPU: the model checks them there (no device sync).
             pad = src.eq(cfg.model.text.pad_idx) if modality == "text" else None
             src = src.to(device, non_blocking=True)

@@ -1,0 +1,37 @@
+"""``d2v shard --modality m``: WebDataset shards + wids indexes per split (DVC stage ``shard@m``).
+
+Writes ``data/shards/<m>/<split>-NNNNNN.tar``, ``<split>.json`` (wids index) and ``summary.json``.
+
+Example:
+  d2v shard --modality image --params params.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from d2v.cli.common import add_config_args, config_from_args, run_cli
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="d2v shard", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--modality", required=True, choices=["image", "speech", "text"])
+    p.add_argument("--tokenizer", type=Path, default=Path("models/tokenizer/spm.model"))
+    p.add_argument("--no-progress", action="store_true")
+    add_config_args(p)
+    ns = p.parse_intermixed_args(argv)
+
+    def run() -> int:
+        from d2v.data.shards import write_shards
+
+        cfg = config_from_args(ns)
+        s = cfg.data.shard
+        summary = write_shards(ns.modality, Path(cfg.data.root), cfg.seed, s.maxcount, s.min_shards,
+                               tokenizer_path=ns.tokenizer if ns.modality == "text" else None,
+                               sample_rate=cfg.data.speech.sample_rate, progress=not ns.no_progress)
+        print(json.dumps(summary, indent=2))
+        return 0
+
+    return run_cli(run)
