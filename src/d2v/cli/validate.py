@@ -29,7 +29,11 @@ def main(argv: list[str]) -> int:
         cfg = config_from_args(ns)
         report_path = ns.report or Path("reports/validation") / f"{ns.modality}.json"
         limits = {"sample_rate": cfg.data.speech.sample_rate}
-        report = validate_modality(ns.modality, Path(cfg.data.root), report_path, limits)
+        try:
+            report = validate_modality(ns.modality, Path(cfg.data.root), report_path, limits)
+        except RuntimeError as e:  # Great Expectations failed internally: one readable line
+            print(f"d2v validate: error: {e}", file=sys.stderr)
+            return 2
         print(summarize(report))
         if not report["success"]:
             print(f"d2v validate: {ns.modality} manifests failed validation (report: {report_path})", file=sys.stderr)

@@ -78,4 +78,5 @@ def read_manifest(path: Path):
 
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path} (run `d2v download` first)")
-    return pd.read_csv(path, dtype={"key": str, "label": str, "path": str}, keep_default_na=False)
+    strings = {c: str for c in ("key", "split", "label", "path", "voice", "synth", "text", "source")}
+    return pd.read_csv(path, dtype=strings, keep_default_na=False)
