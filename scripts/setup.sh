@@ -10,6 +10,15 @@ if ! "$PY" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)
   echo "setup: Python 3.11 is required (found $("$PY" --version 2>&1)); set PYTHON=/path/to/python3.11" >&2
   exit 1
 fi
+# Optional system package: flite adds a second synthesizer's voices to the speech test split.
+# Installed where we can (root with apt); without it the corpus is espeak-ng only, and the
+# download stage says so in its report.
+if ! command -v flite >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get install -y -qq --no-install-recommends flite >/dev/null 2>&1 \
+    || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends flite >/dev/null 2>&1)) \
+    && echo "setup: installed flite (second speech synthesizer)" \
+    || echo "setup: could not install flite (optional): apt-get install flite"
+fi
 stamp_want="$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)"
 stamp_have="$(cat .venv/.d2v-stamp 2>/dev/null || true)"
 if [ "$stamp_want" != "$stamp_have" ] || ! .venv/bin/python -c 'import d2v' 2>/dev/null; then
