@@ -42,6 +42,7 @@ def repo(tmp_path_factory) -> Path:
     run(["git", "config", "user.email", "ci@example.com"], root)
     run(["git", "config", "user.name", "ci"], root)
     run([str(BIN / "dvc"), "init", "-q"], root)
+    shutil.copy(PROJECT_ROOT / ".dvc" / "config", root / ".dvc" / "config")  # Hydra composition settings
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "init"], root)
     return root
@@ -69,6 +70,15 @@ def test_dvc_repro_runs_the_embedded_default(repo: Path):
     assert "didn't change, skipping" in again.stdout or "is cached" in again.stdout or "up to date" in again.stdout
     shown = run([str(BIN / "dvc"), "metrics", "show", "--json"], repo)
     assert "final_loss" in shown.stdout
+
+
+def test_dvc_exp_run_composes_params_from_conf(repo: Path):
+    """`dvc exp run -S` goes through Hydra (conf/pipeline.yaml) and reruns only what the change touches."""
+    r = run([str(BIN / "dvc"), "exp", "run", "-S", "train.max_steps=12", "-n", "short"], repo)
+    assert "Running stage 'pretrain'" in r.stdout and "Running stage 'shard@image'" not in r.stdout
+    shown = json.loads(run([str(BIN / "dvc"), "exp", "show", "--json"], repo).stdout)
+    text = json.dumps(shown)
+    assert '"short"' in text and '"max_steps": 12' in text
 
 
 def test_a_bad_manifest_stops_the_pipeline_at_validation(repo: Path):
