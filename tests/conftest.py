@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
+# Tests log to a throwaway MLflow store, never to the project's mlflow.db (subprocesses inherit it).
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp(prefix='d2v-mlflow-')}/mlflow.db"
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 import pytest
 import torch
 

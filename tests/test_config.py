@@ -97,3 +97,9 @@ def test_unknown_key_is_refused():
 def test_missing_config_dir(tmp_path: Path):
     with pytest.raises(ConfigError, match="not found"):
         load_config([], config_dir=tmp_path)
+
+
+def test_overriding_a_key_the_yaml_does_not_set_explains_the_plus():
+    with pytest.raises(ConfigError, match=r"\+model.collapse_check_after"):
+        load_config(["model.collapse_check_after=0"])
+    assert load_config(["+model.collapse_check_after=7"]).model.collapse_check_after == 7

@@ -40,6 +40,7 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads, 0 = torch default
     log_every: int = 10
     ckpt_every: int = 0  # also checkpoint every N steps (0: only at the end)
+    track: bool = True  # log params, per-step metrics and artifacts to MLflow (see d2v.tracking)
     out_dir: str = "models/pretrain"
 
 
@@ -169,6 +170,10 @@ def load_config(overrides: Sequence[str] = (), config_name: str = "config", conf
             composed = compose(config_name=config_name, overrides=list(overrides))
     except HydraException as e:
         raise ConfigError(f"cannot compose config: {e}") from e
+    except OmegaConfBaseException as e:  # e.g. overriding a key the YAML files do not set
+        key = getattr(e, "full_key", None) or ""
+        hint = f" (a field the YAML does not set is added with a leading '+': +{key}=...)" if key else ""
+        raise ConfigError(f"{key}: {str(e).splitlines()[0]}{hint}") from e
     return from_dict(OmegaConf.to_container(composed, resolve=True))  # type: ignore[arg-type]
 
 

@@ -38,6 +38,8 @@ class PretrainResult:
     step_time_s: dict[str, float] = field(default_factory=dict)
     samples_per_s: float = 0.0
     checkpoint: str = ""
+    mlflow_run_id: str = ""
+    history: list[dict] = field(default_factory=list)
 
 
 def lr_at(step: int, base: float, warmup: int, total: int, min_lr: float = 0.0) -> float:
@@ -118,6 +120,36 @@ def pretrain(cfg: Config, resume: bool = False, progress: bool = True,
         per_mod = math.ceil((t.max_steps - start) / len(t.modalities)) * t.grad_accum + 1
         streams = {m: iter(make_train_loader(cfg, m, t.batch_size, per_mod, cfg.seed + start)) for m in t.modalities}
     result = PretrainResult(steps=t.max_steps)
+    tracker = None
+    if t.track:
+        from d2v.tracking.mlflow_utils import Tracker
+
+        tracker = Tracker("pretrain", to_dict(cfg), tags={"stage": "pretrain", "resumed_from": str(start)})
+        result.mlflow_run_id = tracker.run_id
+    try:
+        _loop_and_save(cfg, model, opt, data, streams, start, device, use_bf16, ckpt_path, out_dir, result,
+                       progress, stop_after, tracker)
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("FAILED")
+        raise
+    if tracker is not None:
+        for p in (ckpt_path, out_dir / "config.json"):
+            if p.exists():
+                tracker.artifact(p, "pretrain")
+    if stop_after is None:
+        _write_reports(cfg, result, metrics_path, history_path, tracker)
+    if tracker is not None:
+        for p in (metrics_path, history_path):
+            if p is not None and p.exists():
+                tracker.artifact(p, "reports")
+        tracker.finish()
+    return result
+
+
+def _loop_and_save(cfg, model, opt, data, streams, start, device, use_bf16, ckpt_path, out_dir, result,
+                   progress, stop_after, tracker) -> None:
+    t = cfg.train
     times: dict[str, list[float]] = {m: [] for m in t.modalities}
     history: list[dict] = []
     n_samples, t_start = 0, time.perf_counter()
@@ -164,6 +196,10 @@ def pretrain(cfg: Config, resume: bool = False, progress: bool = True,
         row = {"step": step + 1, "modality": modality, "loss": loss, "lr": lr, "ema_decay": decay,
                "target_var": float(out.target_var), "pred_var": float(out.pred_var), "step_time_s": dt}
         history.append(row)
+        if tracker is not None:
+            tracker.log({f"{modality}/loss": loss, f"{modality}/target_var": row["target_var"],
+                         f"{modality}/pred_var": row["pred_var"], "lr": lr, "ema_decay": decay,
+                         "samples_per_s": n_samples / (time.perf_counter() - t_start)}, step + 1)
         if progress:
             bar.set_postfix(mod=modality[:2], loss=f"{loss:.3f}", lr=f"{lr:.1e}",
                             sps=f"{n_samples / (time.perf_counter() - t_start):.1f}")
@@ -176,7 +212,7 @@ def pretrain(cfg: Config, resume: bool = False, progress: bool = True,
             atomic_save(_state(model, opt, step + 1, cfg), ckpt_path)
             bar.close()
             result.checkpoint = str(ckpt_path)
-            return result
+            return
     bar.close()
 
     result.samples_per_s = n_samples / max(1e-9, time.perf_counter() - t_start)
@@ -187,7 +223,12 @@ def pretrain(cfg: Config, resume: bool = False, progress: bool = True,
     atomic_save(_state(model, opt, t.max_steps, cfg), ckpt_path)
     result.checkpoint = str(ckpt_path)
     (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    result.history = history
 
+
+def _write_reports(cfg, result, metrics_path, history_path, tracker) -> None:
+    t = cfg.train
+    history = result.history
     if metrics_path is not None:
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text(json.dumps({
@@ -196,6 +237,7 @@ def pretrain(cfg: Config, resume: bool = False, progress: bool = True,
             "final_loss": result.last_loss,
             "median_step_time_s": result.step_time_s,
             "samples_per_s": result.samples_per_s,
+            "mlflow_run_id": result.mlflow_run_id,
         }, indent=2))
     if history_path is not None and history:
         history_path.parent.mkdir(parents=True, exist_ok=True)
@@ -203,4 +245,3 @@ def pretrain(cfg: Config, resume: bool = False, progress: bool = True,
             w = csv.DictWriter(f, fieldnames=list(history[0]), delimiter="\t")
             w.writeheader()
             w.writerows(history)
-    return result
