@@ -7,7 +7,6 @@ test. Tiny configs from ``conftest.build_cfg`` (D=32, 3 blocks, no dropout).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 
