@@ -50,6 +50,18 @@ def _file_digests(path: Path, algos: dict[str, str]) -> dict[str, str]:
     return {name: h.hexdigest() for name, h in hashers.items()}
 
 
+def file_digest(path: Path, algo: str) -> str:
+    """Hex digest (``md5``, ``sha256``, ...) of a file, read in chunks."""
+    return _file_digests(path, {algo: ""})[algo]
+
+
+def verify_checksum(path: Path, algo: str, expected: str) -> None:
+    """Raise ``ValueError`` naming the file and both digests unless ``path`` has ``expected``."""
+    actual = file_digest(path, algo)
+    if actual != expected:
+        raise ValueError(f"checksum mismatch for {path}: expected {algo} {expected}, got {actual}")
+
+
 def _mismatches(path: Path, expected: dict[str, str]) -> list[tuple[str, str, str]]:
     """(algo, expected, actual) for every expected digest that ``path`` does not match."""
     if not expected:
@@ -256,4 +268,4 @@ def safe_extract_tar(tar_path: Path, dest: Path) -> list[Path]:
     return files
 
 
-__all__ = ["download_file", "safe_extract_tar"]
+__all__ = ["download_file", "file_digest", "safe_extract_tar", "verify_checksum"]

