@@ -25,7 +25,10 @@ class TrainConfig:
     """Optimisation and run control for pretraining (spec §5 for the released values)."""
 
     modalities: list[str] = field(default_factory=lambda: ["image"])  # trained in turn, one batch each
-    batch_size: int = 16  # samples per step per modality (per process)
+    # GLOBAL samples per forward pass per modality, summed over all processes: under torchrun each of
+    # the WORLD_SIZE processes gets batch_size / WORLD_SIZE (it must divide); one optimizer step
+    # sees batch_size x grad_accum samples of one modality.
+    batch_size: int = 16
     max_steps: int = 100
     warmup_steps: int = 10
     lr: float = 1e-3
@@ -39,9 +42,23 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0  # torch CPU threads, 0 = torch default
     log_every: int = 10
-    ckpt_every: int = 0  # also checkpoint every N steps (0: only at the end)
+    # also checkpoint every N steps (0: only at the end); shard streams are re-seeded at these
+    # boundaries, so a resumed run sees the batches an uninterrupted one would
+    ckpt_every: int = 0
     track: bool = True  # log params, per-step metrics and artifacts to MLflow (see d2v.tracking)
     out_dir: str = "models/pretrain"
+
+    def per_rank_batch(self, world_size: int) -> int:
+        """``batch_size / world_size``: each process's share of the global batch."""
+        if world_size < 1:
+            raise ConfigError(f"world size must be >= 1, got {world_size}")
+        if self.batch_size % world_size != 0:
+            near = [n for n in ((self.batch_size // world_size) * world_size, (self.batch_size // world_size + 1) * world_size) if n]
+            raise ConfigError(
+                f"train.batch_size: {self.batch_size} is the global batch and must be divisible by the world size "
+                f"{world_size} (processes); use a multiple of {world_size}, e.g. {' or '.join(map(str, near))}"
+            )
+        return self.batch_size // world_size
 
 
 @dataclass
@@ -116,11 +133,55 @@ class DataConfig:
 
 
 @dataclass
+class TaskConfig:
+    """Fine-tuning, evaluation and linear probing of one downstream task (spec §6 for full scale).
+
+    The same budget (``steps`` x ``batch_size``) fine-tunes the pretrained model and a randomly
+    initialised one, so the report shows what pretraining bought."""
+
+    head: str = "classify"  # mean-pooled features -> LayerNorm -> Linear (spec §6 image recipe)
+    steps: int = 200
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    warmup_steps: int = 20
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.05
+    layer_decay: float = 0.65  # lr x decay^(depth + 1 - layer): lower blocks move less
+    label_smoothing: float = 0.1
+    clip_norm: float = 0.0
+    max_train: int = 0  # labelled training samples held in memory (0: the whole split)
+    max_eval: int = 0  # evaluation samples (0: the whole split)
+    eval_split: str = "test"  # reported accuracy; "val" is used during fine-tuning
+    audio_seconds: float = 1.0  # speech: clips are centre-cropped / zero-padded to this length
+    text_length: int = 64  # text: tokens per line (<s> + ids, padded)
+    probe_max_train: int = 10000  # linear probe: training samples for the logistic regression
+    probe_c: float = 1.0  # inverse L2 strength of the probe's logistic regression
+
+
+@dataclass
+class FinetuneConfig:
+    """Downstream tasks on the pretrained encoder; ``d2v finetune/evaluate --task <modality>``."""
+
+    tasks: list[str] = field(default_factory=lambda: ["image", "speech", "text"])
+    image: TaskConfig = field(default_factory=TaskConfig)
+    speech: TaskConfig = field(default_factory=TaskConfig)
+    text: TaskConfig = field(default_factory=TaskConfig)
+    init: str = "models/pretrain/checkpoint.pt"  # the pretrained model (checkpoint or model folder)
+    out_dir: str = "models/finetune"
+    device: str = "auto"
+    threads: int = 0
+    track: bool = True
+    registry_prefix: str = "d2v"  # registered names: <prefix>-encoder, <prefix>-<task>-classifier
+
+
+@dataclass
 class Config:
     seed: int = 1
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> "Config":
         self.model.validate()
@@ -135,6 +196,7 @@ class Config:
             need(m in MODALITIES, "train.modalities", f"unknown modality {m!r}; expected {', '.join(MODALITIES)}")
             need(getattr(self.model, m) is not None, "train.modalities", f"{m!r} is trained but model.{m} is not configured")
         need(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
+        need(t.ckpt_every >= 0, "train.ckpt_every", f"must be >= 0, got {t.ckpt_every}")
         need(t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
         need(0 <= t.warmup_steps, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
         need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
@@ -150,6 +212,21 @@ class Config:
              f"kjv_rt|wikitext103, got {self.data.text.dataset!r}")
         need(self.data.shard.maxcount >= 1, "data.shard.maxcount", "must be >= 1")
         need(self.data.tokenizer.vocab_size >= 16, "data.tokenizer.vocab_size", "must be >= 16")
+        for task in self.finetune.tasks:
+            need(task in MODALITIES, "finetune.tasks", f"unknown task {task!r}; expected {', '.join(MODALITIES)}")
+        for task in MODALITIES:
+            tc: TaskConfig = getattr(self.finetune, task)
+            k = f"finetune.{task}"
+            need(tc.head == "classify", f"{k}.head", f"only 'classify' is implemented, got {tc.head!r}")
+            need(tc.steps >= 1, f"{k}.steps", f"must be >= 1, got {tc.steps}")
+            need(tc.batch_size >= 1, f"{k}.batch_size", f"must be >= 1, got {tc.batch_size}")
+            need(tc.lr > 0, f"{k}.lr", f"must be > 0, got {tc.lr}")
+            need(0 < tc.layer_decay <= 1, f"{k}.layer_decay", f"must be in (0, 1], got {tc.layer_decay}")
+            need(0 <= tc.label_smoothing < 1, f"{k}.label_smoothing", f"must be in [0, 1), got {tc.label_smoothing}")
+            need(tc.eval_split in ("val", "test"), f"{k}.eval_split", f"val|test, got {tc.eval_split!r}")
+            need(tc.audio_seconds > 0, f"{k}.audio_seconds", f"must be > 0, got {tc.audio_seconds}")
+            need(tc.text_length >= 2, f"{k}.text_length", f"must be >= 2, got {tc.text_length}")
+            need(tc.probe_c > 0, f"{k}.probe_c", f"must be > 0, got {tc.probe_c}")
         return self
 
 

@@ -14,8 +14,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("d2v.cli.tokenizer", "train the sentencepiece tokenizer on the text training split (DVC stage 'tokenizer')"),
     "shard": ("d2v.cli.shard", "write WebDataset shards and wids indexes per split (DVC stage 'shard@<modality>')"),
     "pretrain": ("d2v.cli.pretrain", "self-supervised pretraining of the data2vec 2.0 model (DVC stage 'pretrain')"),
+    "finetune": ("d2v.cli.finetune", "fine-tune a classifier on the pretrained and on a random encoder (DVC stage 'finetune@<task>')"),
+    "evaluate": ("d2v.cli.evaluate", "test accuracy and linear probes against random init (DVC stage 'evaluate@<task>')"),
+    "register": ("d2v.cli.register", "register encoder and classifiers in MLflow; move 'champion' on improvement (DVC stage 'register')"),
     "compose": ("d2v.cli.compose", "compose conf/ with Hydra overrides into params.yaml (or print it)"),
     "describe": ("d2v.cli.describe", "print a config's architecture: parameter counts per modality, token counts"),
+    "convert": ("d2v.cli.convert", "import a fairseq data2vec 2.0 checkpoint as a d2v model folder"),
+    "encode": ("d2v.cli.encode", "embeddings of images, audio or text lines from a model folder, checkpoint or MLflow URI"),
 }
 
 

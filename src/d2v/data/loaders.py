@@ -16,6 +16,7 @@ Masks can be drawn in the loader workers (``mask_fn``), so the training step nev
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -189,19 +190,72 @@ def _decoder(sample: dict) -> dict:
     return out
 
 
+def _worker_index() -> int:
+    """The DataLoader worker this runs in (0 in the main process); module level so it pickles."""
+    info = torch.utils.data.get_worker_info()
+    return info.id if info is not None else 0
+
+
+class _SeededShuffle:
+    """Sample shuffle buffer whose RNG is seeded by (seed, worker) when iteration starts.
+
+    WebDataset's own ``.shuffle(rng=...)`` hands every forked worker a copy of one generator.
+    """
+
+    def __init__(self, bufsize: int, seed: int):
+        self.bufsize, self.seed = bufsize, seed
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        # webdataset's _shuffle: the buffer grows by two per sample read (up to bufsize) and
+        # starts yielding once it holds ``initial`` samples.
+        rng = random.Random(self.seed * 1009 + _worker_index())
+        initial = min(100, self.bufsize)
+        src = iter(src)
+        buf: list[dict] = []
+        for sample in src:
+            buf.append(sample)
+            if len(buf) < self.bufsize:
+                nxt = next(src, None)
+                if nxt is not None:
+                    buf.append(nxt)
+            if len(buf) >= initial:
+                k = rng.randrange(len(buf))
+                buf[k], buf[-1] = buf[-1], buf[k]
+                yield buf.pop()
+        rng.shuffle(buf)
+        yield from buf
+
+
 def train_loader(urls: list[str], modality: str, batch_size: int, collate: Callable[[list[dict]], Batch],
                  batches_per_epoch: int, seed: int, num_workers: int = 0, shuffle_buffer: int = 1000,
                  text_length: int = 0):
-    """Infinite, resampled, shuffled stream cut into epochs of ``batches_per_epoch`` batches."""
+    """Infinite, resampled, shuffled stream cut into epochs of ``batches_per_epoch`` batches.
+
+    A pure function of ``seed`` (and the shards): the shard sequence of each loader worker is
+    drawn by ``ResampledShards(deterministic=True)`` from (seed, worker), the sample shuffle by
+    (seed, worker), the workers' torch seeds by ``seed`` (not the global RNG, which is left
+    alone), and the DataLoader returns the workers' batches in a fixed round-robin order.
+    So two loaders built with the same arguments yield the same batches: exact resumption
+    re-creates a stream and skips what was consumed. Every rank passes its own seed (no node
+    splitting of an infinite resampled stream is needed).
+    """
     import webdataset as wds
 
-    ds = wds.WebDataset(urls, resampled=True, shardshuffle=False, nodesplitter=wds.split_by_node,
-                        seed=seed, handler=wds.reraise_exception, empty_check=False)
-    ds = ds.map(_check_key).shuffle(shuffle_buffer, rng=random.Random(seed)).map(_decoder)
+    stages: list[Any] = [
+        wds.ResampledShards(urls, seed=seed, worker_seed=_worker_index, deterministic=True),
+        wds.tarfile_to_samples(handler=wds.reraise_exception),
+        wds.map(_check_key),
+        _SeededShuffle(shuffle_buffer, seed),
+        wds.map(_decoder),
+    ]
     if modality == "text":
-        ds = ds.compose(lambda src: pack_text_blocks(src, text_length))
-    ds = ds.batched(batch_size, collation_fn=collate, partial=False)
-    loader = wds.WebLoader(ds, batch_size=None, num_workers=num_workers)
+        stages.append(functools.partial(pack_text_blocks, length=text_length))
+    stages.append(wds.batched(batch_size, collation_fn=collate, partial=False))
+    ds = wds.DataPipeline(*stages)
+    # Its own generator: a DataLoader iterator otherwise draws its workers' base seed from the
+    # global torch RNG, so making a stream would shift the dropout / mask-noise draws of training.
+    loader = wds.WebLoader(ds, batch_size=None, num_workers=num_workers,
+                           generator=torch.Generator().manual_seed(seed))
     return loader.with_epoch(batches_per_epoch)
 
 

@@ -1,0 +1,242 @@
+"""The experiment-sweep flow: queue ``dvc exp run --queue -S ...`` over a grid, run the queue.
+
+Every combination of the grid becomes one queued DVC experiment named ``<prefix>-<i>``; then
+``dvc exp run --run-all`` runs the queue (in DVC's temporary folders, so the workspace is left
+alone) with its output streamed into the run's log. Keys are checked against params.yaml and the
+Hydra config groups before anything is queued. Compare the results with ``dvc exp show`` and,
+for the MLflow runs the stages log, in ``mlflow ui``.
+
+Command line::
+
+    python -m flows.sweep -g train.lr=1e-4,5e-4 -g model.depth=2,4 --experiment tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
+
+from flows.common import (
+    FlowInputError,
+    ServerUnreachableError,
+    StageFailedError,
+    check_repo,
+    child_env,
+    dvc_exe,
+    experiment_overrides,
+    grid_overrides,
+    list_stages,
+    parse_grid_arg,
+    require_git,
+    resolve_stages,
+    run_streaming,
+    validate_overrides,
+)
+from flows.pipeline import prefect_api, publish, run_log
+
+DEFAULT_GRID: dict[str, list[Any]] = {"train.lr": [1e-4, 5e-4]}
+DEFAULT_SWEEP_TIMEOUT_S = 12 * 3600.0
+
+
+@task(name="dvc-exp-queue", task_run_name="queue {name}", cache_policy=NONE)
+def queue_experiment(repo: str, name: str, overrides: list[str], targets: Optional[list[str]] = None) -> str:
+    """``dvc exp run --queue -n <name> -S k=v ... [targets]``; returns the experiment name."""
+    cmd = [dvc_exe(), "exp", "run", "--queue", "-n", name]
+    for o in overrides:
+        cmd += ["-S", o]
+    cmd += list(targets or [])
+    res = run_streaming(cmd, Path(repo), run_log(), timeout=600)
+    if not res.ok:
+        raise StageFailedError(res.error_text(f"queueing experiment '{name}'"))
+    return name
+
+
+@task(name="dvc-exp-run-all", task_run_name="dvc exp run --run-all -j {jobs}", cache_policy=NONE)
+def run_queue(repo: str, names: list[str], jobs: int = 1, timeout_s: Optional[float] = DEFAULT_SWEEP_TIMEOUT_S) -> float:
+    """``dvc exp run --run-all -j <jobs>``: run the queue, following each experiment's output.
+
+    On a timeout the sweep's experiments are killed (``dvc queue kill``). Returns the seconds taken.
+    """
+    root = Path(repo)
+    res = run_streaming([dvc_exe(), "exp", "run", "--run-all", "-j", str(jobs)], root, run_log(), timeout=timeout_s)
+    if res.timed_out:
+        subprocess.run([dvc_exe(), "queue", "kill", *names], cwd=root, env=child_env(), capture_output=True, timeout=120)
+        raise StageFailedError(res.error_text("dvc exp run --run-all"))
+    if res.returncode != 0:
+        raise StageFailedError(res.error_text("dvc exp run --run-all"))
+    return round(res.seconds, 2)
+
+
+def _run_ids(tree: Any, prefix: str = "") -> dict[str, str]:
+    found: dict[str, str] = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            if isinstance(v, str) and str(k).endswith("run_id"):
+                found[f"{prefix}{k}"] = v
+            else:
+                found.update(_run_ids(v, f"{prefix}{k}."))
+    return found
+
+
+def experiments_from_show(shown: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``dvc exp show --json`` as ``{name: {rev, params, metrics, mlflow_run_ids}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for baseline in shown:
+        for group in baseline.get("experiments") or []:
+            for rev in group.get("revs") or []:
+                name = rev.get("name")
+                data = rev.get("data") or {}
+                if not name:
+                    continue
+                metrics = {f: (v or {}).get("data", {}) for f, v in (data.get("metrics") or {}).items()}
+                params = {f: (v or {}).get("data", {}) for f, v in (data.get("params") or {}).items()}
+                ids = {f"{f}:{k}": v for f, m in metrics.items() for k, v in _run_ids(m).items()}
+                out[name] = {"rev": rev.get("rev"), "params": params, "metrics": metrics, "mlflow_run_ids": ids,
+                             "error": rev.get("error")}
+    return out
+
+
+@task(name="dvc-exp-show", task_run_name="collect {names}", cache_policy=NONE)
+def collect_experiments(repo: str, names: list[str]) -> list[dict[str, Any]]:
+    """Each sweep experiment's status, metrics and MLflow run ids (from ``dvc exp show --json``);
+    a failed one gets the tail of ``dvc queue logs``."""
+    root = Path(repo)
+    r = subprocess.run([dvc_exe(), "exp", "show", "--json"], cwd=root, env=child_env(), capture_output=True, text=True,
+                       timeout=600)
+    if r.returncode != 0:
+        raise StageFailedError(f"dvc exp show failed: {r.stderr.strip()}")
+    found = experiments_from_show(json.loads(r.stdout[r.stdout.find("["):] or "[]"))
+    log = run_log()
+    results = []
+    for n in names:
+        if n in found and not found[n].get("error"):
+            results.append({"name": n, "status": "success", **{k: found[n][k] for k in ("rev", "metrics", "mlflow_run_ids")}})
+            continue
+        logs = subprocess.run([dvc_exe(), "queue", "logs", n], cwd=root, env=child_env(), capture_output=True,
+                              text=True, timeout=120)
+        tail = (logs.stdout + logs.stderr).strip().splitlines()[-15:]
+        for line in tail:
+            log(logging.ERROR, f"[{n}] {line}")
+        results.append({"name": n, "status": "failed", "error": "\n".join(tail)})
+    return results
+
+
+@flow(name="d2v-sweep", description="Queue dvc exp run -S over a parameter grid and run the queue.")
+def sweep_flow(
+    repo: Optional[str] = None,
+    grid: Optional[dict[str, list[Any]]] = None,
+    experiment: Optional[str] = None,
+    overrides: Optional[list[str]] = None,
+    stages: Optional[list[str]] = None,
+    name_prefix: Optional[str] = None,
+    jobs: int = 1,
+    timeout_seconds: Optional[float] = DEFAULT_SWEEP_TIMEOUT_S,
+) -> dict[str, Any]:
+    """Queue one DVC experiment per grid combination, run the queue, report each experiment.
+
+    Args:
+        repo: the DVC repository root (a git repository; default: this project).
+        grid: ``{"train.lr": [1e-4, 5e-4], "experiment": ["image_base", "text_base"]}``: params.yaml
+            keys (dotted) or Hydra config groups, each with its values (default: DEFAULT_GRID).
+        experiment, overrides: fixed ``-S`` settings shared by every combination.
+        stages: stages to run (default: the whole pipeline).
+        name_prefix: experiments are named ``<prefix>-1`` ... (default ``sweep-<timestamp>``).
+        jobs: experiments run in parallel (``-j``).
+        timeout_seconds: for the whole queue run; the sweep's experiments are killed after it.
+
+    Returns:
+        ``{repo, experiments: [{name, overrides, status, metrics, mlflow_run_ids}], failed}``;
+        raises StageFailedError when an experiment failed (after reporting all of them).
+    """
+    log = get_run_logger()
+    root, combos, base, targets = validate_sweep_args(repo, grid, experiment, overrides, stages)
+    prefix = name_prefix or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    names = [f"{prefix}-{i + 1}" for i in range(len(combos))]
+    log.info(f"queueing {len(combos)} experiment(s) in {root}: " + "; ".join(f"{n}: {' '.join(c)}" for n, c in zip(names, combos)))
+    for n, combo in zip(names, combos):
+        queue_experiment(str(root), n, base + combo, targets)
+    run_queue(str(root), names, jobs=jobs, timeout_s=timeout_seconds)
+    exps = collect_experiments(str(root), names)
+    for e, combo in zip(exps, combos):
+        e["overrides"] = base + combo
+    failed = [e["name"] for e in exps if e["status"] != "success"]
+    summary = {"repo": str(root), "experiments": exps, "failed": failed}
+    md = ["# d2v sweep", "", "| experiment | overrides | status | MLflow run ids |", "|---|---|---|---|"]
+    for e in exps:
+        ids = "<br>".join(f"`{v}`" for v in e.get("mlflow_run_ids", {}).values()) or "-"
+        md.append(f"| {e['name']} | `{' '.join(e['overrides'])}` | {e['status']} | {ids} |")
+    md += ["", "Compare: `dvc exp show`, or select the runs in `mlflow ui` and press Compare."]
+    publish(summary, "d2v-sweep", "\n".join(md))
+    if failed:
+        raise StageFailedError(f"sweep experiment(s) failed: {', '.join(failed)} (see `dvc queue logs <name>`)")
+    return summary
+
+
+def validate_sweep_args(repo: Optional[str], grid: Optional[dict[str, list[Any]]], experiment: Optional[str] = None,
+                        overrides: Optional[list[str]] = None, stages: Optional[list[str]] = None,
+                        ) -> tuple[Path, list[list[str]], list[str], list[str]]:
+    """(repo root, grid combinations as ``-S`` lists, shared overrides, stage targets), or a clear error."""
+    root = check_repo(repo)
+    require_git(root)
+    combos = grid_overrides(grid if grid is not None else DEFAULT_GRID)
+    base = experiment_overrides(root, experiment, overrides)
+    seen: set[str] = set()
+    for combo in combos:
+        validate_overrides(root, [c for c in combo if c not in seen])
+        seen.update(combo)
+    targets = resolve_stages(stages, list_stages(root)) if stages else []
+    return root, combos, base, targets
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m flows.sweep",
+        description="Queue a grid of DVC experiments (dvc exp run --queue -S ...) and run the queue, as a Prefect flow.",
+        epilog="Example:\n  python -m flows.sweep -g train.lr=1e-4,5e-4 -g experiment=image_base,text_base -j 1\n\n"
+               "Then: dvc exp show (or mlflow ui) to compare.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--repo", default=None, help="DVC repository root, a git repo (default: this project)")
+    p.add_argument("-g", "--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help=f"one grid axis (repeatable; default: {DEFAULT_GRID})")
+    p.add_argument("--experiment", default=None, help="Hydra experiment shared by all combinations")
+    p.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override shared by all combinations (repeatable)")
+    p.add_argument("--stage", action="append", default=[], metavar="NAME", help="stages to run (default: all)")
+    p.add_argument("--prefix", default=None, help="experiment names <prefix>-1, ... (default: sweep-<time>)")
+    p.add_argument("-j", "--jobs", type=int, default=1, help="experiments in parallel (default: 1)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_SWEEP_TIMEOUT_S, help="timeout of the queue run, seconds")
+    p.add_argument("--api-url", default=None, help="Prefect API URL (default: PREFECT_API_URL, else a temporary server)")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        grid = parse_grid_arg(ns.grid) if ns.grid else None
+        validate_sweep_args(ns.repo, grid, ns.experiment, ns.overrides, ns.stage or None)
+        with prefect_api(ns.api_url):
+            result = sweep_flow(repo=ns.repo, grid=grid, experiment=ns.experiment, overrides=ns.overrides,
+                                stages=ns.stage or None, name_prefix=ns.prefix, jobs=ns.jobs, timeout_seconds=ns.timeout)
+    except (FlowInputError, ServerUnreachableError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except StageFailedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for e in result["experiments"]:
+        print(f"{e['name']}: {e['status']}  {' '.join(e['overrides'])}  {' '.join(e['mlflow_run_ids'].values())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

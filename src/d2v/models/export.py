@@ -1,0 +1,341 @@
+"""This project's model folder: the one format that training, conversion, encoding and serving share.
+
+A model folder ``DIR`` holds:
+
+* ``DIR/config.json``::
+
+      {"format": "d2v-model/1",
+       "model": {...},            # ModelConfig as a plain dict (dataclasses.asdict)
+       "source": "pretrain",      # free text: "pretrain", "fairseq:<file>", ...
+       "tokenizer": {...} | null, # how text lines become ids (see below); absent/null: no text tokenizer
+       "extra": {...}}            # optional, free
+
+* ``DIR/weights.pt``: ``Data2Vec2.state_dict()`` (student and EMA teacher, CPU tensors) written with
+  ``torch.save`` and read back with ``torch.load(weights_only=True)``: loading never unpickles code.
+* optionally the tokenizer file named by ``config.json["tokenizer"]["file"]``:
+  ``spm.model`` (sentencepiece, ``{"type": "spm", "file": "spm.model"}``) or ``dict.txt`` (a fairseq
+  dictionary, ``{"type": "fairseq_dict", "file": "dict.txt"}``, for converted text models; with
+  GPT-2 BPE files ``encoder.json`` + ``vocab.bpe`` beside it when the checkpoint needs them).
+  ``{"type": "bytes"}`` is the built-in byte-level tokenizer of ``data.source=sample`` (no file).
+
+``save_model_dir`` writes a folder atomically (a temp folder, then a rename). ``load_model_dir``
+reads a folder, a pretraining checkpoint (``models/pretrain/checkpoint.pt``: a dict with ``model``,
+``config``, ``optimizer``, ``step`` ...) or a fairseq ``data2vec_multi`` checkpoint (converted on the
+fly); every failure is an ``InputError`` naming the path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+
+from d2v.errors import ConfigError, InputError
+
+from .config import ModelConfig
+
+FORMAT = "d2v-model/1"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.pt"
+SPM_FILE = "spm.model"
+DICT_FILE = "dict.txt"
+BPE_FILES = ("encoder.json", "vocab.bpe")
+
+TokenizerArg = Union[None, str, Path, Mapping[str, Any]]
+
+
+# ------------------------------------------------------------------------------------ configs
+def model_config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def model_config_from_dict(d: Mapping[str, Any], where: str = "model") -> ModelConfig:
+    """Typed merge of a plain dict onto ``ModelConfig`` (unknown keys / wrong types name the key)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), dict(d))
+        cfg: ModelConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{where}.{key}: {msg}" if key else f"{where}: {msg}") from e
+    return cfg.validate()
+
+
+# ------------------------------------------------------------------------------------ file reading
+def torch_load_checked(path: Path, map_location: str = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` with every failure turned into an ``InputError`` naming ``path``.
+
+    Only tensors and plain containers load; a pickle that names any other global is refused
+    (before anything it names is called).
+    """
+    import pickle
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError as e:
+        raise InputError(f"{path}: no such file") from e
+    except IsADirectoryError as e:
+        raise InputError(f"{path}: is a folder, expected a checkpoint file") from e
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if "Unsupported global" in msg or "unsupported GLOBAL" in msg or "Can only" in msg or "blocked" in msg:
+            detail = _refusal_detail(msg)
+            raise InputError(f"{path}: refused to load: the pickle names {detail}, outside the allowed set "
+                             "(tensors and plain containers); nothing from it was executed") from e
+        raise InputError(f"{path}: truncated or corrupt checkpoint ({_first_line(msg)})") from e
+    except (zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError, KeyError, AttributeError,
+            TypeError, IndexError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: truncated or corrupt checkpoint ({type(e).__name__}: {_first_line(str(e))})") from e
+
+
+def _first_line(msg: str) -> str:
+    return (msg.strip().splitlines() or [""])[0][:300]
+
+
+def _refusal_detail(msg: str) -> str:
+    import re
+
+    m = re.search(r"GLOBAL (\S+)", msg)
+    if m:
+        return f"the global {m.group(1)}"
+    m = re.search(r"(but got|function) (.+?)(\.|$)", msg)
+    return m.group(2)[:200] if m else "a class or function"
+
+
+# ------------------------------------------------------------------------------------ weights check
+def check_state_dict(model: torch.nn.Module, sd: Mapping[str, Any], where: str) -> None:
+    """Raise ``InputError`` listing missing/unexpected keys and shape mismatches, else return."""
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in sd)
+    unexpected = sorted(k for k in sd if k not in own)
+    bad = sorted(
+        f"{k}: file {tuple(sd[k].shape)} vs config {tuple(own[k].shape)}"
+        for k in sd if k in own and (not isinstance(sd[k], torch.Tensor) or tuple(sd[k].shape) != tuple(own[k].shape))
+    )
+    if missing or unexpected or bad:
+        def show(xs: list[str]) -> str:
+            return ", ".join(xs[:20]) + (f", ... ({len(xs)} in all)" if len(xs) > 20 else "")
+
+        raise InputError(
+            f"{where}: weights do not match the model config:"
+            + (f"\n  missing keys: {show(missing)}" if missing else "")
+            + (f"\n  unexpected keys: {show(unexpected)}" if unexpected else "")
+            + (f"\n  shape mismatches: {show(bad)}" if bad else "")
+        )
+
+
+# ------------------------------------------------------------------------------------ tokenizer
+def _tokenizer_entry(tokenizer: TokenizerArg, tmp: Path) -> Optional[dict[str, Any]]:
+    """Copy the tokenizer file(s) into ``tmp``; return the ``config.json["tokenizer"]`` entry."""
+    if tokenizer is None:
+        return None
+    if isinstance(tokenizer, Mapping):
+        kind = tokenizer.get("type")
+        if kind == "bytes":
+            return {"type": "bytes"}
+        src = tokenizer.get("path") or tokenizer.get("file")
+        if kind not in ("spm", "fairseq_dict") or not src:
+            raise InputError(f"tokenizer: unknown entry {dict(tokenizer)!r}")
+        tokenizer = Path(src)
+    if isinstance(tokenizer, str) and tokenizer == "bytes":
+        return {"type": "bytes"}
+    p = Path(tokenizer)
+    if not p.is_file():
+        raise InputError(f"{p}: tokenizer file not found")
+    if p.suffix == ".txt":
+        shutil.copyfile(p, tmp / DICT_FILE)
+        entry: dict[str, Any] = {"type": "fairseq_dict", "file": DICT_FILE}
+        bpe = [p.parent / f for f in BPE_FILES]
+        if all(f.is_file() for f in bpe):
+            for f in bpe:
+                shutil.copyfile(f, tmp / f.name)
+            entry["bpe"] = "gpt2"
+        return entry
+    shutil.copyfile(p, tmp / SPM_FILE)
+    return {"type": "spm", "file": SPM_FILE}
+
+
+# ------------------------------------------------------------------------------------ save
+def save_model_dir(model: torch.nn.Module, out_dir: Union[str, Path], *, tokenizer: TokenizerArg = None,
+                   source: str = "", extra: Optional[dict] = None) -> Path:
+    """Write ``model`` (a ``Data2Vec2``) as a model folder; atomic (temp folder, then rename).
+
+    ``tokenizer``: ``None``; a path to ``spm.model`` or a fairseq ``dict.txt``; or ``"bytes"``.
+    Returns the folder's path. An existing folder at ``out_dir`` is replaced.
+    """
+    for attr in ("module", "_orig_mod"):  # DDP / torch.compile wrappers
+        while hasattr(model, attr) and isinstance(getattr(model, attr), torch.nn.Module) and not hasattr(model, "cfg"):
+            model = getattr(model, attr)
+    if not hasattr(model, "cfg") or not isinstance(model.cfg, ModelConfig):
+        raise TypeError(f"save_model_dir needs a Data2Vec2 model, got {type(model).__name__}")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        torch.save(sd, tmp / WEIGHTS_FILE)
+        cfg = {
+            "format": FORMAT,
+            "model": model_config_to_dict(model.cfg),
+            "source": source,
+            "tokenizer": _tokenizer_entry(tokenizer, tmp),
+        }
+        if extra:
+            cfg["extra"] = extra
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, default=str) + "\n")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------ load
+def _build(cfg_dict: Any, sd: Mapping[str, Any], where: str, map_location: str):
+    from .data2vec2 import Data2Vec2
+
+    try:
+        cfg = model_config_from_dict(cfg_dict, where=f"{where}: model")
+    except ConfigError as e:
+        raise InputError(f"{e}") from e
+    model = Data2Vec2(cfg)
+    if not isinstance(sd, Mapping):
+        raise InputError(f"{where}: the weights are not a state dict (got {type(sd).__name__})")
+    check_state_dict(model, sd, where)
+    model.load_state_dict(dict(sd), strict=True)
+    return model.to(map_location).eval()
+
+
+def _resolve_tokenizer(entry: Any, folder: Path, where: str) -> Optional[dict[str, Any]]:
+    if entry is None:
+        return None
+    if not isinstance(entry, Mapping) or entry.get("type") not in ("spm", "fairseq_dict", "bytes"):
+        raise InputError(f"{where}: config.json 'tokenizer' is not understood: {entry!r}")
+    out = dict(entry)
+    if out["type"] != "bytes":
+        f = folder / str(out.get("file", ""))
+        if not f.is_file():
+            raise InputError(f"{where}: tokenizer file {f} is missing")
+        out["path"] = str(f.resolve())
+    return out
+
+
+def _load_folder(folder: Path, map_location: str):
+    cfg_path = folder / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise InputError(f"{folder}: not a d2v model folder (no {CONFIG_FILE})")
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{cfg_path}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise InputError(f"{cfg_path}: not a d2v model config (format {got!r}, expected {FORMAT!r})")
+    if "model" not in meta:
+        raise InputError(f"{cfg_path}: no 'model' section")
+    w = folder / WEIGHTS_FILE
+    if not w.is_file():
+        raise InputError(f"{folder}: {WEIGHTS_FILE} is missing")
+    sd = torch_load_checked(w)
+    model = _build(meta["model"], sd, str(w), map_location)
+    info = {
+        "format": FORMAT, "kind": "folder", "path": str(folder), "model": meta["model"],
+        "source": meta.get("source", ""), "extra": meta.get("extra") or {},
+        "tokenizer": _resolve_tokenizer(meta.get("tokenizer"), folder, str(cfg_path)),
+    }
+    return model, info
+
+
+def _project_tokenizer(ckpt: Path, config: Mapping[str, Any], model_cfg: ModelConfig) -> Optional[dict[str, Any]]:
+    """The tokenizer a pretraining checkpoint was trained with (text models only)."""
+    if model_cfg.text is None:
+        return None
+    data = config.get("data") if isinstance(config.get("data"), Mapping) else {}
+    if data.get("source", "sample") == "sample":
+        return {"type": "bytes"}
+    from d2v.config import PROJECT_ROOT
+
+    for cand in (ckpt.parent / SPM_FILE, PROJECT_ROOT / "models" / "tokenizer" / SPM_FILE):
+        if cand.is_file():
+            return {"type": "spm", "file": SPM_FILE, "path": str(cand.resolve())}
+    return None
+
+
+def _load_file(path: Path, map_location: str):
+    if path.name == WEIGHTS_FILE and (path.parent / CONFIG_FILE).is_file():
+        return _load_folder(path.parent, map_location)
+    from .fairseq_compat import FAIRSEQ_SAFE_GLOBALS, is_fairseq_checkpoint
+
+    with torch.serialization.safe_globals(FAIRSEQ_SAFE_GLOBALS):  # inert stand-ins, see fairseq_compat
+        obj = torch_load_checked(path)
+    if is_fairseq_checkpoint(obj):
+        return _load_fairseq(path, obj, map_location)
+    if not (isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) and isinstance(obj.get("config"), Mapping)
+            and isinstance(obj["config"].get("model"), Mapping)):
+        keys = sorted(map(str, obj.keys()))[:12] if isinstance(obj, Mapping) else type(obj).__name__
+        raise InputError(f"{path}: not a d2v model (expected a model folder or a pretraining checkpoint with "
+                         f"'model' and 'config', got {keys})")
+    config = obj["config"]
+    model = _build(config["model"], obj["model"], str(path), map_location)
+    info = {
+        "format": FORMAT, "kind": "checkpoint", "path": str(path), "model": model_config_to_dict(model.cfg),
+        "source": f"pretrain:{path.name}", "extra": {"step": obj.get("step")},
+        "tokenizer": _project_tokenizer(path, config, model.cfg),
+    }
+    return model, info
+
+
+def _load_fairseq(path: Path, obj: Mapping[str, Any], map_location: str):
+    """A fairseq data2vec 2.0 checkpoint, converted in memory (``d2v convert`` writes it out)."""
+    from .fairseq_compat import fairseq_preprocess, model_from_fairseq_checkpoint, plain_fairseq_checkpoint
+
+    ck = plain_fairseq_checkpoint(obj, str(path))
+    model, meta = model_from_fairseq_checkpoint(ck, str(path))
+    tok = None
+    if model.cfg.text is not None and (path.parent / DICT_FILE).is_file():
+        tok = {"type": "fairseq_dict", "file": DICT_FILE, "path": str((path.parent / DICT_FILE).resolve())}
+        if all((path.parent / f).is_file() for f in BPE_FILES):
+            tok["bpe"] = "gpt2"
+    info = {
+        "format": FORMAT, "kind": "fairseq", "path": str(path), "model": model_config_to_dict(model.cfg),
+        "source": f"fairseq:{path.name}", "extra": {"preprocess": fairseq_preprocess(model.cfg)}, "tokenizer": tok,
+    }
+    return model.to(map_location), info
+
+
+def load_model_dir(path: Union[str, Path], map_location: str = "cpu"):
+    """Load a model folder or a pretraining checkpoint file -> ``(Data2Vec2 in eval mode, info)``.
+
+    A fairseq data2vec 2.0 checkpoint is accepted too (converted in memory, its ``dict.txt`` looked
+    for beside it). ``info`` holds ``format``, ``kind`` (folder|checkpoint|fairseq), ``path``, ``model`` (the config dict),
+    ``source``, ``extra`` and ``tokenizer`` (``None`` or a dict with ``type`` and, for file-based
+    tokenizers, the absolute ``path``).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such model folder or checkpoint file")
+    if path.is_dir():
+        return _load_folder(path, map_location)
+    return _load_file(path, map_location)

@@ -1,0 +1,110 @@
+"""Labelled splits for the downstream tasks, decoded once from the shards into memory.
+
+The embedded default's labelled sets are small (Fashion-MNIST, 35 spoken words, Rotten-Tomatoes
+snippets), so fine-tuning draws its batches from tensors in memory: fast, exactly reproducible,
+and the pretrained and random-init runs see identical batches. Shards are shuffled when they
+are written, so the first ``max_n`` labelled samples are a uniform subset.
+
+* image: PNG -> [0, 1] -> resized to the model's input size -> normalised as in pretraining;
+* speech: FLAC -> per-utterance standardised waveform -> centre-cropped or zero-padded to a
+  fixed length; ``lengths`` keep the true sample counts (padding masks are built from them);
+* text: ``<s>`` + sentencepiece ids, cut at ``text_length``, right-padded with ``<pad>``;
+  unlabelled lines (``cls`` = -1: the pretraining corpus) are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from d2v.data.loaders import decode_audio, decode_image, eval_loader
+from d2v.data.shards import shard_dir, shard_urls
+from d2v.data.tokenizer import BOS, PAD
+from d2v.errors import InputError
+
+IMAGE_MEAN, IMAGE_STD = 0.2860, 0.3530  # Fashion-MNIST training pixels, as in pretraining
+
+
+@dataclass
+class LabelledSplit:
+    modality: str
+    split: str
+    source: torch.Tensor  # (N, C, H, W) float | (N, L) float | (N, T) long
+    label: torch.Tensor  # (N,) long
+    keys: list[str]
+    lengths: Optional[torch.Tensor] = None  # speech: true samples per clip; text: tokens per row
+
+    def __len__(self) -> int:
+        return int(self.label.numel())
+
+
+def label_names(root: str | Path, modality: str) -> list[str]:
+    """The class names in ``cls`` order, from the shard stage's summary."""
+    path = shard_dir(root, modality) / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"shard summary not found: {path} (run `d2v shard --modality {modality}`)")
+    return list(json.loads(path.read_text())["labels"])
+
+
+def _identity(samples: list[dict]) -> list[dict]:
+    return samples
+
+
+def load_split(root: str | Path, modality: str, split: str, max_n: int = 0, *, image_size: int = 28,
+               in_chans: int = 1, sample_rate: int = 16000, audio_seconds: float = 1.0,
+               text_length: int = 64) -> LabelledSplit:
+    """Decode the labelled samples of ``split`` (the first ``max_n`` when ``max_n`` > 0)."""
+    urls = shard_urls(root, modality, split)
+    xs: list[torch.Tensor] = []
+    labels: list[int] = []
+    keys: list[str] = []
+    lengths: list[int] = []
+    target = int(round(audio_seconds * sample_rate))
+    for chunk in eval_loader(urls, 256, _identity):
+        for s in chunk:
+            cls = int(s["cls"])
+            if cls < 0:
+                continue
+            key = s["__key__"]
+            if modality == "image":
+                x = decode_image(s["png"], key)
+                if x.shape[-1] != image_size or x.shape[-2] != image_size:
+                    x = F.interpolate(x.unsqueeze(0), size=(image_size, image_size), mode="bilinear",
+                                      align_corners=False)[0]
+                if x.shape[0] != in_chans:
+                    x = x.mean(0, keepdim=True).expand(in_chans, -1, -1)
+                xs.append((x - IMAGE_MEAN) / IMAGE_STD)
+            elif modality == "speech":
+                w = decode_audio(s["flac"], key, sample_rate)
+                n = w.numel()
+                if n > target:  # centre crop: the word sits in the middle of its clip
+                    start = (n - target) // 2
+                    w, n = w[start : start + target], target
+                elif n < target:
+                    w = F.pad(w, (0, target - n))
+                xs.append(w)
+                lengths.append(n)
+            else:
+                ids = np.concatenate([[BOS], np.asarray(s["ids.npy"], dtype=np.int64)])[:text_length]
+                row = torch.full((text_length,), PAD, dtype=torch.long)
+                row[: len(ids)] = torch.from_numpy(ids)
+                xs.append(row)
+                lengths.append(len(ids))
+            labels.append(cls)
+            keys.append(key)
+            if max_n and len(labels) >= max_n:
+                break
+        if max_n and len(labels) >= max_n:
+            break
+    if not labels:
+        raise InputError(f"{shard_dir(root, modality)}: split {split!r} has no labelled samples")
+    return LabelledSplit(
+        modality, split, torch.stack(xs), torch.tensor(labels, dtype=torch.long), keys,
+        torch.tensor(lengths, dtype=torch.long) if lengths else None,
+    )

@@ -1,0 +1,140 @@
+"""Evaluation of a downstream task: fine-tuned accuracy and linear probes, each against random init.
+
+``reports/metrics/eval_<task>.json`` holds
+
+* ``accuracy`` / ``baseline_accuracy``: the classifiers fine-tuned from the pretrained and from a
+  random encoder (same budget, ``d2v finetune``), on ``finetune.<task>.eval_split``;
+* ``probe_accuracy`` / ``probe_baseline_accuracy``: an L2-regularised logistic regression on the
+  frozen, mean-pooled last-block features of the pretrained and of a random encoder (standardised
+  features, the same training subset, ``probe_max_train`` samples);
+* the MLflow run ids of the fine-tuning runs and of this evaluation run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from d2v.config import Config, TaskConfig, to_dict
+from d2v.errors import InputError
+from d2v.train.downstream_data import LabelledSplit
+from d2v.train.finetune import Classifier, accuracy, load_backbone, load_classifier, load_task_data, predict
+from d2v.train.pretrain import pick_device
+
+
+@torch.no_grad()
+def extract(clf: Classifier, data: LabelledSplit, batch_size: int, device: torch.device) -> np.ndarray:
+    """Frozen mean-pooled features, (N, D) float64."""
+    clf.to(device).eval()
+    out = []
+    for i in range(0, len(data), batch_size):
+        src = data.source[i : i + batch_size].to(device)
+        lengths = data.lengths[i : i + batch_size] if data.lengths is not None else None
+        out.append(clf.features(src, lengths).float().cpu().numpy())
+    return np.concatenate(out).astype(np.float64)
+
+
+def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+                 c: float = 1.0) -> float:
+    """Accuracy of a standardised multinomial logistic regression (lbfgs) trained on frozen features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if len(np.unique(y_train)) < 2:
+        raise InputError("linear probe: the training subset holds a single class")
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
+    clf.fit(x_train, y_train)
+    return float((clf.predict(x_test) == y_test).mean())
+
+
+def confusion(pred: torch.Tensor, label: torch.Tensor, n: int) -> np.ndarray:
+    m = np.zeros((n, n), dtype=np.int64)
+    np.add.at(m, (label.numpy(), pred.numpy()), 1)
+    return m
+
+
+def plot_confusion(m: np.ndarray, names: list[str], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(names)
+    size = max(4.0, 0.28 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    norm = m / np.maximum(m.sum(1, keepdims=True), 1)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(n), names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def evaluate_task(cfg: Config, task: str, metrics_path: Optional[Path] = None,
+                  plot_path: Optional[Path] = None, finetune_report: Optional[Path] = None) -> dict[str, Any]:
+    cfg.validate()
+    ft = cfg.finetune
+    tc: TaskConfig = getattr(ft, task)
+    if ft.threads > 0:
+        torch.set_num_threads(ft.threads)
+    device = pick_device(ft.device)
+    t0 = time.perf_counter()
+    clf, meta = load_classifier(Path(ft.out_dir) / task / "pretrained")
+    base, _ = load_classifier(Path(ft.out_dir) / task / "random")
+    cfg.model = clf.model_cfg  # evaluate the architecture that was fine-tuned
+    test = load_task_data(cfg, task, tc.eval_split, tc.max_eval)
+    probe_train = load_task_data(cfg, task, "train", tc.probe_max_train)
+    names = list(meta.get("labels", []))
+
+    report: dict[str, Any] = {"task": task, "split": tc.eval_split, "eval_samples": len(test),
+                              "probe_train_samples": len(probe_train)}
+    clf.to(device)
+    pred = predict(clf, test, 256, device)
+    report["accuracy"] = float((pred == test.label).float().mean())
+    report["baseline_accuracy"] = accuracy(base.to(device), test, 256, device)
+
+    y_tr, y_te = probe_train.label.numpy(), test.label.numpy()
+    for key, init in (("probe_accuracy", ft.init), ("probe_baseline_accuracy", "random")):
+        backbone = load_backbone(init, cfg.model, cfg.seed)
+        feat = Classifier(backbone, task, max(2, len(names)))
+        report[key] = linear_probe(extract(feat, probe_train, 256, device), y_tr,
+                                   extract(feat, test, 256, device), y_te, tc.probe_c)
+    report["seconds"] = time.perf_counter() - t0
+
+    if finetune_report is not None and finetune_report.is_file():
+        fr = json.loads(finetune_report.read_text())
+        report["finetune_run_id"] = fr.get("mlflow_run_id", "")
+        report["baseline_run_id"] = fr.get("baseline_mlflow_run_id", "")
+    if plot_path is not None and names:
+        plot_confusion(confusion(pred, test.label, len(names)), names,
+                       f"{task}: fine-tuned from pretraining, {tc.eval_split} accuracy {report['accuracy']:.3f}", plot_path)
+    if ft.track:
+        from d2v.tracking.mlflow_utils import Tracker
+
+        tracker = Tracker(f"evaluate-{task}", {"task": task, **to_dict(cfg)}, tags={"stage": "evaluate", "task": task})
+        metrics = {k: report[k] for k in ("accuracy", "baseline_accuracy", "probe_accuracy", "probe_baseline_accuracy")}
+        tracker.log(metrics, 0)
+        report["mlflow_run_id"] = tracker.run_id
+        # The fine-tuning runs get their test accuracy too, so `mlflow ui` can sort them by it.
+        for rid, acc in ((report.get("finetune_run_id"), report["accuracy"]),
+                         (report.get("baseline_run_id"), report["baseline_accuracy"])):
+            if rid:
+                tracker.client.log_metric(rid, f"{tc.eval_split}_accuracy", acc)
+        if plot_path is not None and plot_path.exists():
+            tracker.artifact(plot_path, "plots")
+        tracker.finish()
+    if metrics_path is not None:
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        metrics_path.write_text(json.dumps(report, indent=2))
+    return report

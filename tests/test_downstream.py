@@ -1,0 +1,207 @@
+"""Fine-tuning, evaluation, linear probes and the model registry on tiny real shards.
+
+The image data here is learnable by construction (the class decides which half of the picture is
+bright), so a fine-tuned classifier must beat chance; the registry test uses a real SQLite store.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import build_cfg
+from d2v.config import Config, DataConfig, FinetuneConfig, TaskConfig
+from d2v.data.manifest import manifest_path, raw_dir, write_manifest
+from d2v.data.shards import write_shards
+from d2v.errors import InputError
+from d2v.models import Data2Vec2
+from d2v.train import finetune as ft
+from d2v.train.downstream_data import load_split
+from d2v.train.evaluate import evaluate_task, linear_probe
+
+SPLITS = {"train": 120, "val": 40, "test": 40}
+
+
+def make_halves(root: Path) -> None:
+    """28x28 grey images: class 'left' is bright on the left half, 'right' on the right, plus noise."""
+    base = raw_dir(root, "image")
+    (base / "files").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, n in SPLITS.items():
+        rows = []
+        for i in range(n):
+            label = ["left", "right"][i % 2]
+            arr = rng.integers(0, 60, (28, 28)).astype(np.uint8)
+            cols = slice(0, 14) if label == "left" else slice(14, 28)
+            arr[:, cols] += 150
+            key = f"img-{split}-{i}"
+            Image.fromarray(arr).save(base / f"files/{key}.png")
+            rows.append(dict(key=key, split=split, label=label, path=f"files/{key}.png", offset=-1, width=28, height=28))
+        write_manifest(manifest_path(root, "image", split), "image", rows)
+    write_shards("image", root, seed=0, maxcount=50, min_shards=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    make_halves(root)
+    return root
+
+
+def make_cfg(root: Path, out: Path, init: str, steps: int = 40) -> Config:
+    task = TaskConfig(steps=steps, batch_size=16, lr=2e-3, warmup_steps=5, layer_decay=0.75, probe_max_train=100)
+    cfg = Config(seed=3, model=build_cfg("image"), data=DataConfig(root=str(root)),
+                 finetune=FinetuneConfig(tasks=["image"], image=task, init=init, out_dir=str(out / "finetune"),
+                                         threads=2, track=True))
+    return cfg
+
+
+def save_pretrained(cfg: Config, path: Path) -> Path:
+    """A pretraining-style checkpoint of a (briefly trained) model."""
+    from d2v.config import to_dict
+
+    torch.manual_seed(11)
+    model = Data2Vec2(cfg.model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "config": to_dict(cfg), "step": 0}, path)
+    return path
+
+
+def test_load_split_keeps_labels_and_limits(image_root):
+    full = load_split(image_root, "image", "train")
+    assert len(full) == SPLITS["train"] and full.source.shape == (SPLITS["train"], 1, 28, 28)
+    assert set(full.label.tolist()) == {0, 1}
+    part = load_split(image_root, "image", "train", max_n=7)
+    assert part.keys == full.keys[:7] and torch.equal(part.source, full.source[:7])
+
+
+def test_layer_decay_scales_each_layer():
+    m = Data2Vec2(build_cfg("image"))
+    clf = ft.Classifier(m, "image", 3)
+    groups = clf.layer_param_groups(1e-3, 0.05, 0.5)
+    depth = len(clf.blocks)
+    seen = {}
+    for g in groups:
+        assert g["lr_scale"] == pytest.approx(0.5 ** (depth + 1 - g["layer"]))
+        for p in g["params"]:
+            seen[id(p)] = g
+    names = dict(clf.named_parameters())
+    assert seen[id(names["head.weight"])]["lr_scale"] == 1.0
+    assert seen[id(names["head.bias"])]["weight_decay"] == 0.0
+    assert seen[id(names["blocks.0.attn.qkv.weight"])]["layer"] == 1
+    assert seen[id(names["encoder.local_encoder.proj.weight"])]["layer"] == 0
+    assert len(seen) == len(names)  # every trainable parameter in exactly one group
+    assert not any(n.startswith("encoder.decoder") for n in names)  # the decoder is dropped
+
+
+def test_text_pooling_ignores_padding():
+    m = Data2Vec2(build_cfg("text")).eval()
+    clf = ft.Classifier(m, "text", 2).eval()
+    ids = torch.randint(4, 100, (2, 10))
+    padded = torch.cat([ids, torch.ones(2, 6, dtype=torch.long)], 1)  # <pad> = 1
+    with torch.no_grad():
+        a = clf.features(ids, torch.tensor([10, 10]))
+        b = clf.features(padded, torch.tensor([10, 10]))
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_linear_probe_separates_separable_features():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    x = rng.standard_normal((200, 8)) + 3 * y[:, None]
+    assert linear_probe(x[:150], y[:150], x[150:], y[150:]) > 0.95
+    noise = rng.standard_normal((200, 8))
+    assert linear_probe(noise[:150], y[:150], noise[150:], y[150:]) < 0.8
+
+
+def test_finetune_evaluate_round_trip(image_root, tmp_path):
+    cfg = make_cfg(image_root, tmp_path, init="")
+    cfg.finetune.init = str(save_pretrained(cfg, tmp_path / "pretrain" / "checkpoint.pt"))
+    metrics, history = tmp_path / "ft.json", tmp_path / "ft.tsv"
+    runs = ft.finetune_task(cfg, "image", progress=False, metrics_path=metrics, history_path=history)
+    assert set(runs) == {"pretrained", "random"}
+    for r in runs.values():
+        assert r.val_accuracy > 0.8, r  # the halves task is easy: far above chance (0.5)
+        assert np.mean(r.train_loss[-5:]) < np.mean(r.train_loss[:5])
+    rep = json.loads(metrics.read_text())
+    assert rep["val_accuracy"] == runs["pretrained"].val_accuracy and rep["mlflow_run_id"]
+    assert history.read_text().splitlines()[0].split("\t") == ["step", "loss_pretrained", "loss_random"]
+
+    # Saved classifiers load back and predict exactly as before.
+    clf, meta = ft.load_classifier(runs["pretrained"].out_dir)
+    assert meta["labels"] == ["left", "right"] and meta["task"] == "image"
+    val = load_split(image_root, "image", "val")
+    acc = ft.accuracy(clf, val, 64, torch.device("cpu"))
+    assert acc == pytest.approx(runs["pretrained"].val_accuracy)
+
+    out = tmp_path / "eval.json"
+    report = evaluate_task(cfg, "image", metrics_path=out, plot_path=tmp_path / "cm.png", finetune_report=metrics)
+    saved = json.loads(out.read_text())
+    for k in ("accuracy", "baseline_accuracy", "probe_accuracy", "probe_baseline_accuracy"):
+        assert 0.0 <= saved[k] <= 1.0
+    assert saved["accuracy"] > 0.8 and saved["finetune_run_id"] == rep["mlflow_run_id"]
+    assert (tmp_path / "cm.png").stat().st_size > 1000
+
+    from mlflow.tracking import MlflowClient
+
+    from d2v.tracking.mlflow_utils import tracking_uri
+
+    run = MlflowClient(tracking_uri()).get_run(report["mlflow_run_id"])
+    assert run.data.metrics["accuracy"] == pytest.approx(saved["accuracy"])
+    assert run.data.params["task"] == "image"
+    ft_run = MlflowClient(tracking_uri()).get_run(rep["mlflow_run_id"])
+    assert ft_run.data.metrics["test_accuracy"] == pytest.approx(saved["accuracy"])
+    assert ft_run.data.tags["init"] == "pretrained"
+
+
+def test_same_budget_same_batches(image_root, tmp_path):
+    """Both inits see the same batches: two runs from the same init are identical."""
+    cfg = make_cfg(image_root, tmp_path, init="random", steps=5)
+    train = load_split(image_root, "image", "train")
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        clf = ft.Classifier(Data2Vec2(cfg.model), "image", 2)
+        losses.append(ft.train_classifier(clf, train, cfg.finetune.image, 7, torch.device("cpu"), progress=False))
+    assert losses[0] == losses[1]
+
+
+def test_classifier_bad_input(tmp_path):
+    with pytest.raises(InputError, match="not a classifier folder"):
+        ft.load_classifier(tmp_path / "nothing")
+    clf = ft.Classifier(Data2Vec2(build_cfg("image")), "image", 2)
+    out = ft.save_classifier(clf, tmp_path / "clf", {"task": "image"})
+    (out / "weights.pt").write_bytes((out / "weights.pt").read_bytes()[:100])
+    with pytest.raises(InputError, match="weights.pt"):
+        ft.load_classifier(out)
+    with pytest.raises(InputError, match="no 'speech' encoder"):
+        ft.Classifier(Data2Vec2(build_cfg("image")), "speech", 2)
+
+
+def test_registry_moves_champion_only_on_improvement(tmp_path):
+    from d2v.tracking import registry
+    from d2v.tracking.mlflow_utils import Tracker
+
+    cl = registry.client()
+    name = f"test-clf-{tmp_path.name}"
+    tr = Tracker("reg-test", {"a": 1})
+    (tmp_path / "m.txt").write_text("model")
+    tr.artifact(tmp_path / "m.txt", "classifier")
+    tr.finish()
+    source = f"{cl.get_run(tr.run_id).info.artifact_uri}/classifier"
+
+    first = registry.register_version(cl, name, source, tr.run_id, "test_accuracy", 0.70)
+    assert first.promoted and first.previous_champion is None
+    worse = registry.register_version(cl, name, source, tr.run_id, "test_accuracy", 0.65)
+    assert not worse.promoted and worse.previous_champion == first.version
+    assert str(registry.champion(cl, name).version) == first.version
+    same = registry.register_version(cl, name, source, tr.run_id, "test_accuracy", 0.70)
+    assert not same.promoted  # a tie does not move the alias
+    better = registry.register_version(cl, name, source, tr.run_id, "test_accuracy", 0.75)
+    assert better.promoted and str(registry.champion(cl, name).version) == better.version
+    assert cl.get_model_version(name, worse.version).tags["metric_value"] == repr(0.65)
