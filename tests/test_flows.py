@@ -37,9 +37,10 @@ BIN = Path(sys.executable).parent
 BROKEN_MESSAGE = "BOOM: the broken stage failed on purpose"
 
 TRAIN_PY = """\
-import json, sys, uuid, yaml
+import json, os, sys, uuid, yaml
 p = yaml.safe_load(open("params.yaml"))
 print("training with lr", p["train"]["lr"], "width", p["model"]["width"])
+print("prefect flow run:", os.environ.get("D2V_PREFECT_FLOW_RUN_ID", "-"))
 print("a note on stderr", file=sys.stderr)
 json.dump({"lr": p["train"]["lr"], "mlflow_run_id": uuid.uuid4().hex,
            "eval": {"probe_run_id": "probe-" + str(p["model"]["width"])}, "steps": 3},
@@ -358,6 +359,13 @@ def test_queue_experiment_task_queues_with_name_and_overrides(toy_copy: Path):
     assert stash.strip().endswith(":q-lr"), stash  # DVC's queue: one stash entry per queued experiment
 
 
+def test_a_sweep_experiment_that_did_not_finish_is_reported_failed(toy: Path):
+    from flows.sweep import collect_experiments
+
+    got = collect_experiments.fn(str(toy), ["never-ran"])
+    assert [(e["name"], e["status"]) for e in got] == [("never-ran", "failed")] and "error" in got[0]
+
+
 def test_sweep_show_parsing():
     from flows.sweep import experiments_from_show
 
@@ -436,3 +444,37 @@ def test_flows_hold_no_ml_code():
         for banned in ("import torch", "import d2v", "from d2v", "import mlflow"):
             assert banned not in text, (path.name, banned)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The real project pipeline through the flow (minutes: downloads, shards, pretraining)
+
+
+@pytest.mark.slow
+def test_the_project_pipeline_runs_through_the_flow(tmp_path: Path):
+    """``run_pipeline`` on a fresh git+DVC copy of the project (a temporary Prefect server)."""
+    import mlflow
+
+    from flows.pipeline import run_pipeline
+
+    repo = tmp_path / "project"
+    repo.mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, repo / name)
+    for name in ("conf", "src"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    sh(["git", "init", "-q"], repo)
+    sh(["git", "config", "user.email", "ci@example.com"], repo)
+    sh(["git", "config", "user.name", "ci"], repo)
+    sh([str(BIN / "dvc"), "init", "-q"], repo)
+    shutil.copy(ROOT / ".dvc/config", repo / ".dvc/config")
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "init"], repo)
+    expected = [s.name for s in common.list_stages(repo)]
+    result = run_pipeline(str(repo), retries=0)
+    assert [r["stage"] for r in result["stages"]] == expected
+    assert set(result["ran"]) == set(expected)  # a fresh repo: every stage's command ran once
+    run_id = json.loads((repo / "reports/metrics/pretrain.json").read_text())["mlflow_run_id"]
+    assert result["stages"][expected.index("pretrain")]["mlflow_run_ids"]["reports/metrics/pretrain.json:mlflow_run_id"] == run_id
+    assert mlflow.MlflowClient().get_run(run_id).info.status == "FINISHED"  # conftest's throwaway store
+    assert run_pipeline(str(repo), stages=["pretrain"], retries=0)["ran"] == []  # up to date

@@ -22,7 +22,7 @@ from typing import Iterator
 
 import pytest
 
-from test_flows import BIN, BROKEN_MESSAGE, ROOT, make_toy_repo, sh  # noqa: F401 (also puts flows/ on sys.path)
+from test_flows import BROKEN_MESSAGE, ROOT, make_toy_repo, sh  # importing test_flows also puts flows/ on sys.path
 
 pytestmark = pytest.mark.prefect
 
@@ -133,6 +133,7 @@ def test_pipeline_flow_runs_the_smoke_pipeline_to_completion(prefect_api: str, r
     messages = [m for _, m in run_logs(flow_run_id, wait_for="training with lr 0.1")]
     assert "training with lr 0.1 width 4" in messages and "a note on stderr" in messages  # streamed, stdout + stderr
     assert "Running stage 'train':" in messages
+    assert f"prefect flow run: {flow_run_id}" in messages  # stages see D2V_PREFECT_FLOW_RUN_ID (to tag their runs)
     with get_client(sync_client=True) as client:
         tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     assert sorted(t.name for t in tasks) == ["dvc repro prep@a", "dvc repro prep@b", "dvc repro train"]
@@ -185,8 +186,12 @@ def test_served_deployment_has_its_schedule_and_a_triggered_run_completes(prefec
         assert "training with lr 0.5 width 8" in messages  # the experiment's params, composed by Hydra
         refs = sh(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], repo).stdout
         assert "/served-fast" in refs
+        serve.send_signal(signal.SIGINT)  # Ctrl+C: stop serving, pause the deployment's schedule
+        assert serve.wait(timeout=60) == 0, (tmp_path / "serve.log").read_text()[-2000:]
+        with get_client(sync_client=True) as client:
+            assert client.read_deployment(dep.id).paused is True
     finally:
-        stop(serve, signal.SIGINT)
+        stop(serve)
         out.close()
 
 

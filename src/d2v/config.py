@@ -150,6 +150,7 @@ class TaskConfig:
     layer_decay: float = 0.65  # lr x decay^(depth + 1 - layer): lower blocks move less
     label_smoothing: float = 0.1
     clip_norm: float = 0.0
+    freeze_local: bool = False  # keep the local encoder fixed (speech: the CNN, fairseq feature_grad_mult 0)
     max_train: int = 0  # labelled training samples held in memory (0: the whole split)
     max_eval: int = 0  # evaluation samples (0: the whole split)
     eval_split: str = "test"  # reported accuracy; "val" is used during fine-tuning

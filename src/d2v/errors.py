@@ -7,3 +7,8 @@ class ConfigError(ValueError):
 
 class InputError(ValueError):
     """An input (batch, file, argument) has the wrong shape, type or content; the message says what."""
+
+
+class CollapseError(RuntimeError):
+    """Raised by the training health guards (collapse, NaN/Inf); the message names the quantity,
+    its value and the step."""

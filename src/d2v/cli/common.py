@@ -9,7 +9,7 @@ from typing import Callable
 
 from typing import TYPE_CHECKING
 
-from d2v.errors import ConfigError, InputError
+from d2v.errors import CollapseError, ConfigError, InputError
 
 if TYPE_CHECKING:
     from d2v.config import Config
@@ -52,6 +52,9 @@ def run_cli(fn: Callable[[], int]) -> int:
     except (ConfigError, InputError, FileNotFoundError) as e:
         print(f"d2v: error: {e}", file=sys.stderr)
         return 2
+    except CollapseError as e:
+        print(f"d2v: training stopped: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("d2v: interrupted", file=sys.stderr)
         return 130

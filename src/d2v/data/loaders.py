@@ -1,8 +1,8 @@
 """Batches from the shards: resampled, shuffled, DDP-safe training streams; exact eval passes.
 
-Training: every rank (and worker) draws shards at random with replacement (``resampled=True``),
-so no rank runs dry and each epoch is a fixed number of batches on every rank
-(``with_epoch``). Evaluation: one pass over the split's shards, split by node then by worker,
+Training: every rank (and worker) draws shards at random with replacement (resampled), from
+a seed of its own, so no rank runs dry and each epoch is a fixed number of batches on every rank
+(``with_epoch``); a stream is a pure function of its seed (exact resumption). Evaluation: one pass over the split's shards, split by node then by worker,
 in order. Decoding and augmentation per modality:
 
 * image: PNG -> float in [0,1] -> (train) random-resized-crop + horizontal flip -> normalised;
@@ -177,17 +177,39 @@ def collate_blocks(mask_fn: Optional[MaskFn]) -> Callable[[list[dict]], Batch]:
 
 
 # ---------------------------------------------------------------------------------- pipelines
+_DECODERS: dict[str, Callable[[bytes], Any]] = {
+    "cls": lambda b: int(b.decode("ascii")),
+    "ids.npy": lambda b: np.load(io.BytesIO(b), allow_pickle=False),  # never unpickle a shard's arrays
+    "json": json.loads,
+    "txt": lambda b: b.decode("utf-8"),
+}
+
+
 def _decoder(sample: dict) -> dict:
     out = dict(sample)
-    if "cls" in out and isinstance(out["cls"], bytes):
-        out["cls"] = int(out["cls"].decode())
-    if "ids.npy" in out and isinstance(out["ids.npy"], bytes):
-        out["ids.npy"] = np.load(io.BytesIO(out["ids.npy"]))
-    if "json" in out and isinstance(out["json"], bytes):
-        out["json"] = json.loads(out["json"])
-    if "txt" in out and isinstance(out["txt"], bytes):
-        out["txt"] = out["txt"].decode("utf-8")
+    for name, fn in _DECODERS.items():
+        if name in out and isinstance(out[name], bytes):
+            try:
+                out[name] = fn(out[name])
+            except (ValueError, TypeError, OSError, EOFError) as e:  # incl. UnicodeDecodeError, JSONDecodeError
+                raise InputError(f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')!r}: "
+                                 f"cannot decode its .{name} ({type(e).__name__}: {e})") from e
     return out
+
+
+def _shard_error(exn: Exception) -> bool:
+    """WebDataset error handler: a d2v error passes through; an unreadable, truncated or non-tar
+    shard becomes an ``InputError`` naming the shard (webdataset appends the URL to the args)."""
+    args = getattr(exn, "args", ())
+    url = args[-1] if len(args) >= 2 and isinstance(args[-1], str) else "?"
+    if isinstance(exn, InputError):
+        if len(args) < 2:
+            raise exn
+        # raised by this handler inside the tar reader, then given (stream, url) by its caller
+        msg = str(args[0])
+        raise InputError(url + msg[1:] if msg.startswith("?: ") else msg) from exn.__cause__
+    msg = args[0] if args else exn
+    raise InputError(f"{url}: unreadable or truncated shard ({type(exn).__name__}: {msg})") from exn
 
 
 def _worker_index() -> int:
@@ -243,7 +265,7 @@ def train_loader(urls: list[str], modality: str, batch_size: int, collate: Calla
 
     stages: list[Any] = [
         wds.ResampledShards(urls, seed=seed, worker_seed=_worker_index, deterministic=True),
-        wds.tarfile_to_samples(handler=wds.reraise_exception),
+        wds.tarfile_to_samples(handler=_shard_error),
         wds.map(_check_key),
         _SeededShuffle(shuffle_buffer, seed),
         wds.map(_decoder),
@@ -263,7 +285,7 @@ def eval_loader(urls: list[str], batch_size: int, collate: Callable[[list[dict]]
     """One exact pass over the shards (in order; each sample once across nodes and workers)."""
     import webdataset as wds
 
-    ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node, handler=wds.reraise_exception,
+    ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node, handler=_shard_error,
                         empty_check=False)
     ds = ds.map(_check_key).map(_decoder).batched(batch_size, collation_fn=collate, partial=True)
     return wds.WebLoader(ds, batch_size=None, num_workers=num_workers)

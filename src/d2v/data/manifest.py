@@ -76,7 +76,16 @@ def read_manifest(path: Path):
     """The manifest as a pandas DataFrame (strings kept as strings, "" not turned into NaN)."""
     import pandas as pd
 
+    from d2v.errors import InputError
+
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path} (run `d2v download` first)")
     strings = {c: str for c in ("key", "split", "label", "path", "voice", "synth", "text", "source")}
-    return pd.read_csv(path, dtype=strings, keep_default_na=False)
+    try:
+        return pd.read_csv(path, dtype=strings, keep_default_na=False, encoding="utf-8")
+    except pd.errors.EmptyDataError as e:
+        raise InputError(f"{path}: empty manifest (not even a header line); rerun `d2v download`") from e
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); a manifest is a UTF-8 CSV") from e
+    except (pd.errors.ParserError, ValueError) as e:
+        raise InputError(f"{path}: not a readable manifest CSV: {str(e).strip().splitlines()[0][:200]}") from e

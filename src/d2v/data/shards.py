@@ -87,6 +87,10 @@ def _flac(path: Path, row: dict, sample_rate: int) -> tuple[bytes, float]:
 
     try:
         info = sf.info(str(path))
+        if info.subtype in ("FLOAT", "DOUBLE"):  # float samples may be NaN/Inf: int16 reading hides them as 0
+            wf, _ = sf.read(str(path), dtype="float32", always_2d=True)
+            if not np.isfinite(wf).all():
+                raise InputError(f"{path}: {int((~np.isfinite(wf)).sum())} NaN/Inf samples (key {row['key']})")
         wav, sr = sf.read(str(path), dtype="int16", always_2d=True)
     except (RuntimeError, sf.LibsndfileError) as e:  # type: ignore[attr-defined]
         raise InputError(f"{path}: cannot decode audio (key {row['key']}): {e}") from e
@@ -108,6 +112,9 @@ def _samples(modality: str, root: Path, rows: list[dict], labels: dict[str, int]
     base = raw_dir(root, modality)
     read_image = _ImageReader(base) if modality == "image" else None
     for row in rows:
+        rel = Path(str(row["path"]))
+        if modality != "text" and (rel.is_absolute() or ".." in rel.parts):
+            raise InputError(f"{base / 'manifest'}: key {row['key']}: path {str(rel)!r} leaves {base}")
         meta = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
         s: dict[str, Any] = {"__key__": row["key"], "cls": labels.get(row["label"], -1)}
         if modality == "image":
@@ -158,13 +165,20 @@ def write_shards(modality: str, root: Path | str, seed: int, maxcount: int, min_
             raise
         index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": f"{modality}-{split}",
                  "shardlist": written}
-        (out / f"{split}.json").write_text(json.dumps(index, indent=1))
+        _write_atomic(out / f"{split}.json", json.dumps(index, indent=1))
         sizes = [(out / w["url"]).stat().st_size for w in written]
         summary["splits"][split] = {"samples": n, "shards": len(written), "bytes": int(sum(sizes)),
                                     "mean_shard_mb": (sum(sizes) / len(sizes) / 2**20) if sizes else 0.0}
     summary["seconds"] = time.perf_counter() - t0
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """An index is read as the list of complete shards: written to a temp file, then renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _write_split(samples, out: Path, split: str, per_shard: int) -> list[dict]:
@@ -208,4 +222,13 @@ def shard_urls(root: Path | str, modality: str, split: str) -> list[str]:
     idx = out / f"{split}.json"
     if not idx.is_file():
         raise FileNotFoundError(f"shard index not found: {idx} (run `d2v shard --modality {modality}`)")
-    return [str(out / s["url"]) for s in json.loads(idx.read_text())["shardlist"]]
+    try:
+        shards = json.loads(idx.read_text(encoding="utf-8"))["shardlist"]
+        urls = [str(out / s["url"]) for s in shards]
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise InputError(f"{idx}: not a readable shard index ({type(e).__name__}: {e}); "
+                         f"rerun `d2v shard --modality {modality}`") from e
+    for u in urls:
+        if Path(u).parent != out or not u.endswith(".tar"):
+            raise InputError(f"{idx}: shard {u!r} is not a .tar file in {out}")
+    return urls

@@ -17,7 +17,7 @@ import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from d2v.data.manifest import COLUMNS, SPLITS, quarantine_path, raw_dir, read_manifest, manifest_path
@@ -118,6 +118,10 @@ def _derive(df, modality: str, root: Path) -> None:
     if "path" in df.columns:
         uniq = {p: isinstance(p, str) and p.strip() != "" and (base / p).is_file() for p in df["path"].unique()}
         df["path_exists"] = df["path"].map(uniq).astype(bool)
+        inside = {p: not isinstance(p, str) or not (PurePath(p).is_absolute() or p.startswith(("/", "\\"))
+                                                    or ".." in PurePath(p.replace("\\", "/")).parts)
+                  for p in df["path"].unique()}
+        df["path_inside"] = df["path"].map(inside).astype(bool)
     if "key" in df.columns:
         df["key_n_splits"] = df.groupby("key", dropna=False)["manifest_split"].transform("nunique").astype(int)
     if modality == "text" and "text" in df.columns:
@@ -153,6 +157,8 @@ def _suite(modality: str, lim: dict, columns: set[str]) -> list[_Exp]:
             "split column equals the manifest file it is in", column_A="split", column_B="manifest_split")
     add("path_exists", E.ExpectColumnValuesToBeInSet, "path_exists", "every referenced file exists",
         value_set=[True])
+    add("path_inside", E.ExpectColumnValuesToBeInSet, "path_inside",
+        "every path is relative and stays inside data/raw/<modality> (no absolute path, no '..')", value_set=[True])
     add("rows_per_split", E.ExpectColumnPairValuesAToBeGreaterThanB, "rows",
         f"rows per split >= {lim['min_rows_per_split']}", on_counts=True,
         column_A="rows", column_B="min_rows", or_equal=True)
@@ -263,6 +269,9 @@ def _message(e: _Exp, df, counts, lim: dict, modality: str, root: Path) -> str:
             ex = ", ".join(f"{key!r} x{n} in {s}" for (s, key), n in within.head(k).items())
             parts.append(f"{len(within)} key(s) repeated within a split, e.g. {ex}")
         return "; ".join(parts) or f"{r.get('unexpected_count')} duplicated key rows"
+    if e.name == "path_inside":
+        bad = df.loc[~df["path_inside"], "path"].unique()
+        return f"{len(bad)} path(s) leave {raw_dir(root, modality)}, e.g. {', '.join(repr(_short(p)) for p in bad[:k])}"
     if e.name == "path_exists":
         missing = df.loc[~df["path_exists"], "path"].unique()
         ex = ", ".join(repr(_short(p)) for p in missing[:k])

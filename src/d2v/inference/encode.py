@@ -226,6 +226,8 @@ class Encoder:
         want = self.cfg.speech.sample_rate
         if sr != want:
             raise InputError(f"{item.where}: sample rate {sr} Hz, the model expects {want} Hz (resample it first)")
+        if not np.isfinite(wav).all():  # float WAV/AIFF files can hold NaN/Inf: they would give NaN embeddings
+            raise InputError(f"{item.where}: {int((~np.isfinite(wav)).sum())} NaN/Inf samples in the audio")
         x = torch.from_numpy(wav.mean(axis=1))
         enc = self.model.encoder("speech")
         if x.numel() == 0 or enc.local_encoder.output_length(x.numel()) < 2:

@@ -259,16 +259,3 @@ def parse_conv_spec(spec: str) -> list[tuple[int, int, int]]:
         raise ValueError("expected a list of (channels, kernel, stride) tuples")
     return [tuple(int(v) for v in t) for t in out]  # type: ignore[misc]
 
-
-def model_config_from_dict(d: dict) -> ModelConfig:
-    """A validated ``ModelConfig`` from a plain dict (a saved ``config.json``); errors name the key."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        cfg: ModelConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), d))  # type: ignore[assignment]
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None)
-        msg = str(e).splitlines()[0]
-        raise ConfigError(f"model.{key}: {msg}" if key else msg) from e
-    return cfg.validate()

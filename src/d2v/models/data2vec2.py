@@ -25,14 +25,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from d2v.errors import CollapseError  # defined there, so the CLI catches it without importing torch
+
 from .blocks import make_blocks, run_blocks
 from .config import MODALITIES, ModelConfig
 from .ema import EMAUpdater, ema_decay_at
 from .encoders import ENCODERS, InputError, ModalityEncoder
-
-
-class CollapseError(RuntimeError):
-    """Raised by the collapse guard; the message names the quantity, its value and the step."""
 
 
 @dataclass
@@ -356,9 +354,12 @@ class Data2Vec2(nn.Module):
         """Collapse guard (spec §2.7) and NaN/Inf guard; raises ``CollapseError`` with the cause."""
         if not bool(torch.isfinite(out.loss)):
             raise CollapseError(f"step {step}: loss is {float(out.loss)} (not finite)")
+        tv, pv = float(out.target_var), float(out.pred_var)
+        for name, v in (("target variance", tv), ("prediction variance", pv)):
+            if not math.isfinite(v):
+                raise CollapseError(f"step {step}: {name} is {v} (not finite)")
         if step < self.cfg.collapse_check_after:
             return
-        tv, pv = float(out.target_var), float(out.pred_var)
         if tv < self.cfg.min_target_var:
             raise CollapseError(
                 f"step {step}: target variance {tv:.4g} < min_target_var={self.cfg.min_target_var} (teacher collapsed)"

@@ -3,18 +3,64 @@
 Absolute paths, so that `dvc exp run` in a temporary folder logs to the same place;
 ``MLFLOW_TRACKING_URI`` overrides the store. Telemetry is off (``MLFLOW_DISABLE_TELEMETRY``).
 MLflow is imported lazily: it costs seconds and only the stages that log need it.
+
+A SQLite store held by another writer (an ``mlflow ui``, a second stage, a backup) makes a write
+wait up to MLflow's busy timeout (20 s), then fail with "database is locked". ``Tracker`` retries
+such writes with exponential backoff for up to ``D2V_MLFLOW_RETRY_S`` seconds (default 600), so a
+locked store delays a run instead of crashing it, and no metric is dropped or written twice.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
+import time
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, TypeVar
 
 from d2v.config import PROJECT_ROOT
 
 EXPERIMENT = "d2v"
+RETRY_S = 600.0  # default total wait for one write while the store is locked (D2V_MLFLOW_RETRY_S)
+_BACKOFF_MAX_S = 5.0
+_T = TypeVar("_T")
+log = logging.getLogger(__name__)
+
+
+def is_transient(err: BaseException) -> bool:
+    """A store error that a later attempt may not see: SQLite "database is locked" / busy."""
+    seen: set[int] = set()
+    e: Optional[BaseException] = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        msg = str(e).lower()
+        if "database is locked" in msg or "database table is locked" in msg or "database is busy" in msg:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def with_retry(what: str, fn: Callable[[], _T], budget_s: Optional[float] = None) -> _T:
+    """``fn()``, retried with backoff (0.1 s doubling to 5 s) while it fails with a transient store
+    error, for up to ``budget_s`` seconds in all; then the last error, with what was being written."""
+    budget = float(os.environ.get("D2V_MLFLOW_RETRY_S", RETRY_S)) if budget_s is None else budget_s
+    t0, delay, attempt = time.monotonic(), 0.1, 0
+    while True:
+        attempt += 1
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - MlflowException, sqlalchemy / sqlite errors
+            waited = time.monotonic() - t0
+            if not is_transient(e) or waited >= budget:
+                if is_transient(e):
+                    raise RuntimeError(f"MLflow store {tracking_uri()} stayed locked for {waited:.0f} s "
+                                       f"({attempt} attempts) while writing {what}: {str(e).splitlines()[0][:200]}") from e
+                raise
+            pause = min(delay, _BACKOFF_MAX_S, max(0.0, budget - waited))
+            log.warning("MLflow store locked while writing %s (attempt %d); retrying in %.1f s", what, attempt, pause)
+            time.sleep(pause)
+            delay *= 2
 
 
 def tracking_uri() -> str:
@@ -57,15 +103,17 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=tracking_uri())
-        exp = self.client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment, artifact_location=artifact_root())
+        exp = with_retry("the experiment", lambda: self.client.get_experiment_by_name(experiment))
+        exp_id = exp.experiment_id if exp else with_retry(
+            "the experiment", lambda: self.client.create_experiment(experiment, artifact_location=artifact_root()))
         all_tags = {"git_commit": git_commit() or "unknown", "mlflow.runName": run_name, **(tags or {})}
-        self.run = self.client.create_run(exp_id, tags=all_tags, run_name=run_name)
+        self.run = with_retry("a new run", lambda: self.client.create_run(exp_id, tags=all_tags, run_name=run_name))
         self.run_id = self.run.info.run_id
         flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
         items = list(flat.items())
         for i in range(0, len(items), 100):  # MLflow caps params per batch at 100
-            self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i : i + 100]])
+            batch = [mlflow.entities.Param(k, v) for k, v in items[i : i + 100]]
+            with_retry("params", lambda: self.client.log_batch(self.run_id, params=batch))
         self._pending: list[Any] = []
         self._metric = mlflow.entities.Metric
 
@@ -78,13 +126,16 @@ class Tracker:
             self.flush()
 
     def flush(self) -> None:
-        for i in range(0, len(self._pending), 1000):
-            self.client.log_batch(self.run_id, metrics=self._pending[i : i + 1000])
-        self._pending = []
+        """Write the buffered metrics, 1000 per batch; a batch leaves the buffer once written, so a
+        retried or failed flush neither drops nor duplicates metrics."""
+        while self._pending:
+            batch = self._pending[:1000]
+            with_retry(f"{len(batch)} metrics", lambda: self.client.log_batch(self.run_id, metrics=batch))
+            del self._pending[: len(batch)]
 
     def artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        with_retry(f"artifact {path}", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
 
     def finish(self, status: str = "FINISHED") -> None:
         self.flush()
-        self.client.set_terminated(self.run_id, status=status)
+        with_retry(f"run status {status}", lambda: self.client.set_terminated(self.run_id, status=status))

@@ -44,9 +44,6 @@ import warnings
 import mlflow
 import mlflow.pyfunc
 
-# MLflow nags about type hints on ``predict`` when the class is defined; the signature is explicit.
-warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method", category=UserWarning)
-
 CONTENT_COLUMNS = {"image": "image", "image_path": "image", "audio": "speech", "audio_path": "speech", "text": "text"}
 INPUT_COLUMNS = ["key", *CONTENT_COLUMNS]
 
@@ -182,7 +179,6 @@ def log_encoder(model_dir: Path, run_id: str, artifact_path: str = "encoder",
     with warnings.catch_warnings():
         # no input example on purpose (it would load the model while logging); the signature is explicit
         warnings.filterwarnings("ignore", message=".*input example.*")
-        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
         if active is not None:
             info = mlflow.pyfunc.log_model(**kwargs)
         else:

@@ -122,11 +122,12 @@ def register_all(tasks: list[str], prefix: str, init: str, reports: Path = Path(
     from d2v.tracking.pyfunc import log_encoder
 
     probe = sum(float(e["probe_accuracy"]) for e in evals.values()) / max(1, len(evals))
-    model, _ = load_model_dir(init)
+    model, info = load_model_dir(init)
+    # The tokenizer the checkpoint was trained with (spm file or byte-level), else the project's.
+    tok = info.get("tokenizer") or (tokenizer if tokenizer is not None and tokenizer.is_file() else None)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_model_dir(model, Path(tmp) / "encoder",
-                                tokenizer=tokenizer if tokenizer is not None and tokenizer.is_file() else None,
-                                source="pretrain", extra={"probe_accuracy": evals and {t: e["probe_accuracy"] for t, e in evals.items()}})
+        folder = save_model_dir(model, Path(tmp) / "encoder", tokenizer=tok, source="pretrain",
+                                extra={"probe_accuracy": {t: e["probe_accuracy"] for t, e in evals.items()}})
         uri = log_encoder(folder, run_id, artifact_path="encoder")
     regs.append(register_version(
         cl, f"{prefix}-encoder", uri, run_id, "mean_probe_accuracy", probe,

@@ -31,7 +31,8 @@ from d2v.config import Config, TaskConfig, to_dict
 from d2v.errors import InputError
 from d2v.models import Data2Vec2
 from d2v.models.blocks import run_blocks
-from d2v.models.config import ModelConfig, model_config_from_dict
+from d2v.models.config import ModelConfig
+from d2v.models.export import model_config_from_dict
 from d2v.train.downstream_data import LabelledSplit, label_names, load_split
 from d2v.train.pretrain import lr_at, pick_device
 
@@ -42,7 +43,7 @@ INITS = ("pretrained", "random")
 class Classifier(nn.Module):
     """``model(source, padding_mask=None) -> logits``; ``features(...)`` gives the pooled vector."""
 
-    def __init__(self, backbone: Data2Vec2, modality: str, num_classes: int):
+    def __init__(self, backbone: Data2Vec2, modality: str, num_classes: int, freeze_local: bool = False):
         super().__init__()
         if modality not in backbone.modality_encoders:
             raise InputError(f"the model has no {modality!r} encoder (it has {', '.join(backbone.modality_encoders)})")
@@ -50,6 +51,8 @@ class Classifier(nn.Module):
         self.model_cfg = backbone.cfg
         self.encoder = backbone.modality_encoders[modality]
         self.encoder.decoder = None  # the pretraining decoder is not part of the classifier
+        if freeze_local:  # no gradient, so no backward pass through the (speech CNN) local encoder
+            self.encoder.local_encoder.requires_grad_(False)
         self.blocks = backbone.blocks
         self.layerdrop = backbone.cfg.layerdrop
         d = backbone.cfg.embed_dim
@@ -262,7 +265,7 @@ def finetune_task(cfg: Config, task: str, progress: bool = True, inits: tuple[st
             # The checkpoint's architecture is what we fine-tune; the random baseline must match it.
             cfg.model = backbone.cfg
         torch.manual_seed(cfg.seed + 1)  # the same head init for both
-        clf = Classifier(backbone, task, len(names))
+        clf = Classifier(backbone, task, len(names), freeze_local=tc.freeze_local)
         tracker = None
         if ft.track:
             from d2v.tracking.mlflow_utils import Tracker

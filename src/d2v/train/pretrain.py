@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import inspect
 import json
 import math
 import os
@@ -66,7 +67,7 @@ from tqdm import tqdm
 from d2v.config import Config, to_dict
 from d2v.data.sample import SampleData, step_generator
 from d2v.errors import ConfigError, InputError
-from d2v.models import Data2Vec2
+from d2v.models import CollapseError, Data2Vec2
 from d2v.train import distributed
 from d2v.train.distributed import DistInfo
 
@@ -106,13 +107,48 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class _WriteRecorder:
+    """A file wrapper that remembers the OSError of a failed write: ``torch.save`` turns it into
+    a bare "unexpected pos" RuntimeError, which would hide a full disk."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b) -> int:
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def atomic_save(obj: dict, path: Path) -> None:
-    """Write to a temp file in the same folder, then rename: a crash never leaves half a file."""
+    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves half a file.
+
+    A failed write (disk full, quota, I/O error) removes the temp file and raises ``OSError``
+    naming the checkpoint and the cause; the previous checkpoint at ``path`` is left as it was.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    rec = None
+    try:
+        with open(tmp, "wb") as f:
+            rec = _WriteRecorder(f)
+            torch.save(obj, rec)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:
+        cause = rec.error if rec is not None and rec.error is not None else e
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        errno_ = getattr(cause, "errno", None)
+        why = os.strerror(errno_) if errno_ else f"{type(cause).__name__}: {cause}"
+        kept = f"the previous checkpoint {path} is unchanged" if path.exists() else "no checkpoint was written"
+        msg = f"{path}: could not write the checkpoint ({why}); {kept}"
+        raise (OSError(errno_, msg) if errno_ else OSError(msg)) from cause
     os.replace(tmp, path)
 
 
@@ -375,8 +411,6 @@ def _pretrain(cfg: Config, info: DistInfo, resume, progress, metrics_path, histo
     if info.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        import inspect
-
         # No per-forward buffer broadcast (the buffers are identical: the EMA counter, fixed
         # positions); newer torch spells it forward_sync_buffers. Both still sync at wrap time.
         no_buf = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
@@ -520,12 +554,24 @@ def _loop_and_save(run: _Run, start: int) -> None:
     times: dict[str, list[float]] = {m: [] for m in t.modalities}
     history: list[dict] = []
     n_samples, t_start = 0, time.perf_counter()
+    last_good = start if start > 0 and run.ckpt_path.exists() else None  # step of the checkpoint on disk
 
     model.train()
+    # The speech encoder's local CNN output (mean, std) per micro-batch: a collapsed feature
+    # extractor can hide behind a healthy loss. Read by a hook, so the model's numerics are untouched.
+    local_stats: list[torch.Tensor] = []
+    hook = None
+    if "speech" in t.modalities:
+        def _record_local(_mod, _inp, output):
+            o = output.detach().float()
+            local_stats.append(torch.stack([o.mean(), o.std()]))
+
+        hook = model.encoder("speech").local_encoder.register_forward_hook(_record_local)
     bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, disable=not run.progress,
                desc="pretrain", unit="step", dynamic_ncols=True)
     for step in bar:
         modality = t.modalities[step % len(t.modalities)]
+        local_stats.clear()
         lr = lr_at(step, t.lr, t.warmup_steps, t.max_steps, t.min_lr)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -550,10 +596,18 @@ def _loop_and_save(run: _Run, start: int) -> None:
         opt.step()
         decay = model.update_teacher(step + 1)
         # One collective for what is logged and guarded: means over ranks.
-        stats = torch.stack([torch.stack(losses).mean().float(), out.target_var.float(), out.pred_var.float()])
+        parts = [torch.stack(losses).mean().float(), out.target_var.float(), out.pred_var.float()]
+        if modality == "speech" and local_stats:
+            parts += list(torch.stack(local_stats).to(parts[0].device).mean(0))
+        stats = torch.stack(parts)
         distributed.all_reduce_mean(stats)
-        model.check_collapse(SimpleNamespace(loss=stats[0], target_var=stats[1], pred_var=stats[2]), step + 1)
-        loss, tvar, pvar = (float(v) for v in stats.tolist())
+        try:
+            model.check_collapse(SimpleNamespace(loss=stats[0], target_var=stats[1], pred_var=stats[2]), step + 1)
+        except CollapseError as e:
+            kept = (f"the last good checkpoint is {run.ckpt_path} (step {last_good})" if last_good is not None
+                    else "no checkpoint was written before it")
+            raise CollapseError(f"pretraining stopped ({modality} batch): {e}; {kept}") from e
+        loss, tvar, pvar, *local = (float(v) for v in stats.tolist())
         dt = time.perf_counter() - t0
         times[modality].append(dt)
         n_samples += t.batch_size * t.grad_accum  # global
@@ -561,13 +615,17 @@ def _loop_and_save(run: _Run, start: int) -> None:
         result.last_loss[modality] = loss
         row = {"step": step + 1, "modality": modality, "loss": loss, "lr": lr, "ema_decay": decay,
                "target_var": tvar, "pred_var": pvar, "step_time_s": dt}
+        if "speech" in t.modalities:  # the same columns on every row (the history is a TSV)
+            row["local_mean"], row["local_std"] = local if local else (float("nan"), float("nan"))
         history.append(row)
         if info.is_main:
             sps = n_samples / (time.perf_counter() - t_start)
             if run.tracker is not None:
-                run.tracker.log({f"{modality}/loss": loss, f"{modality}/target_var": tvar,
-                                 f"{modality}/pred_var": pvar, "lr": lr, "ema_decay": decay,
-                                 "samples_per_s": sps}, step + 1)
+                logged = {f"{modality}/loss": loss, f"{modality}/target_var": tvar,
+                          f"{modality}/pred_var": pvar, "lr": lr, "ema_decay": decay, "samples_per_s": sps}
+                if local:
+                    logged.update({"speech/local_mean": local[0], "speech/local_std": local[1]})
+                run.tracker.log(logged, step + 1)
             if run.progress:
                 bar.set_postfix(mod=modality[:2], loss=f"{loss:.3f}", lr=f"{lr:.1e}", sps=f"{sps:.1f}")
             elif t.log_every and (step + 1) % t.log_every == 0:
@@ -575,13 +633,18 @@ def _loop_and_save(run: _Run, start: int) -> None:
                       f"tvar {tvar:.3f} pvar {pvar:.3f} samples/s {sps:.1f}", flush=True)
         if t.ckpt_every and (step + 1) % t.ckpt_every == 0 and step + 1 < t.max_steps:
             _save(run, step + 1)
+            last_good = step + 1
         if run.stop_after is not None and step + 1 >= run.stop_after:
             _save(run, step + 1)
             bar.close()
             result.checkpoint = str(run.ckpt_path)
             result.history = history
+            if hook is not None:
+                hook.remove()
             return
     bar.close()
+    if hook is not None:
+        hook.remove()
 
     result.samples_per_s = n_samples / max(1e-9, time.perf_counter() - t_start)
     for m, ts in times.items():

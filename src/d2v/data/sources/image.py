@@ -309,7 +309,7 @@ def _download_imagenet_folder(cfg: ImageDataConfig, root: Path, seed: int, progr
     used_keys: set[str] = set()
     for sub in ("train", "val"):
         for p in sorted((folder / sub).rglob("*")):
-            if p.is_dir():
+            if p.is_dir() and not p.is_symlink():
                 continue
             rel = p.relative_to(folder / sub)
             stem_key = _KEY_BAD.sub("_", str(rel.with_suffix("")).replace(os.sep, "-"))
@@ -320,7 +320,10 @@ def _download_imagenet_folder(cfg: ImageDataConfig, root: Path, seed: int, progr
                 k = f"{key}-{n}"
             used_keys.add(k)
             relpath = f"{IMAGE_FOLDER_LINK}/{sub}/{rel.as_posix()}"
-            if len(rel.parts) != 2:
+            if p.is_symlink():  # not followed: it may point anywhere (outside the folder, a device ...)
+                quarantine.append({"key": k, "path": relpath, "reason": f"symbolic link (to {os.readlink(p)!r}): "
+                                   "links in the image folder are not followed; copy the file instead"})
+            elif len(rel.parts) != 2:
                 quarantine.append({"key": k, "path": relpath, "reason": f"not directly inside a class folder ({sub}/<class>/<file>)"})
             elif p.suffix.lower() not in IMAGE_EXTS:
                 quarantine.append({"key": k, "path": relpath, "reason": f"unsupported file type {p.suffix or '(none)'!r} (JPEG/PNG expected)"})

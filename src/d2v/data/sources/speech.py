@@ -708,6 +708,10 @@ def build_librispeech_manifests(speech_dir: Path, subsets: Iterable[str], sample
                 if not text.strip():
                     bad.append({"key": key, "path": rel, "reason": f"{trans.name}:{lineno}: empty transcript"})
                     continue
+                if flac.is_symlink():  # not followed: it may point outside the dataset folder
+                    bad.append({"key": key, "path": rel, "reason": f"symbolic link (to {os.readlink(flac)!r}): "
+                                "links in the dataset folder are not followed"})
+                    continue
                 if not flac.is_file():
                     bad.append({"key": key, "path": rel, "reason": f"{trans.name}:{lineno}: audio file missing"})
                     continue
