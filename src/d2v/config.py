@@ -213,6 +213,33 @@ class Config:
              f"kjv_rt|wikitext103, got {self.data.text.dataset!r}")
         need(self.data.shard.maxcount >= 1, "data.shard.maxcount", "must be >= 1")
         need(self.data.tokenizer.vocab_size >= 16, "data.tokenizer.vocab_size", "must be >= 16")
+        # ranges that would otherwise fail late (in a data loader, the optimizer) or not at all
+        need(t.eps > 0, "train.eps", f"must be > 0, got {t.eps}")
+        need(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+        need(0 <= t.min_lr <= t.lr, "train.min_lr", f"must be in [0, train.lr={t.lr}], got {t.min_lr}")
+        need(t.clip_norm >= 0, "train.clip_norm", f"must be >= 0 (0: no clipping), got {t.clip_norm}")
+        need(t.threads >= 0, "train.threads", f"must be >= 0 (0: torch default), got {t.threads}")
+        need(t.log_every >= 0, "train.log_every", f"must be >= 0, got {t.log_every}")
+        need(t.device == "auto" or t.device.split(":")[0] in ("cpu", "cuda", "mps"), "train.device",
+             f"auto, cpu, cuda, cuda:N or mps, got {t.device!r}")
+        d = self.data
+        need(d.num_samples >= 1, "data.num_samples", f"must be >= 1, got {d.num_samples}")
+        need(d.audio_seconds > 0, "data.audio_seconds", f"must be > 0, got {d.audio_seconds}")
+        need(d.text_length >= 2, "data.text_length", f"must be >= 2 (<s> + one token), got {d.text_length}")
+        need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+        need(d.shard.min_shards >= 1, "data.shard.min_shards", f"must be >= 1, got {d.shard.min_shards}")
+        need(d.tokenizer.model_type in ("unigram", "bpe", "char", "word"), "data.tokenizer.model_type",
+             f"unigram|bpe|char|word, got {d.tokenizer.model_type!r}")
+        need(0 < d.tokenizer.character_coverage <= 1, "data.tokenizer.character_coverage",
+             f"must be in (0, 1], got {d.tokenizer.character_coverage}")
+        need(d.speech.sample_rate > 0, "data.speech.sample_rate", f"must be > 0 Hz, got {d.speech.sample_rate}")
+        need(d.image.val_count >= 0, "data.image.val_count", f"must be >= 0, got {d.image.val_count}")
+        need(d.image.max_train >= 0, "data.image.max_train", f"must be >= 0 (0: all), got {d.image.max_train}")
+        for name in ("val_fraction", "test_fraction"):
+            v = getattr(d.text, name)
+            need(0 <= v < 1, f"data.text.{name}", f"must be in [0, 1), got {v}")
+        need(0 <= d.text.min_chars <= d.text.max_chars, "data.text.min_chars",
+             f"need 0 <= min_chars <= max_chars, got {d.text.min_chars} / {d.text.max_chars}")
         for task in self.finetune.tasks:
             need(task in MODALITIES, "finetune.tasks", f"unknown task {task!r}; expected {', '.join(MODALITIES)}")
         for task in MODALITIES:
@@ -237,6 +264,7 @@ def conf_dir() -> Path:
 
 def load_config(overrides: Sequence[str] = (), config_name: str = "config", config_dir: Optional[Path] = None) -> Config:
     """Compose ``conf/<config_name>.yaml`` with Hydra overrides into a validated ``Config``."""
+    import yaml
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
@@ -248,11 +276,24 @@ def load_config(overrides: Sequence[str] = (), config_name: str = "config", conf
             composed = compose(config_name=config_name, overrides=list(overrides))
     except HydraException as e:
         raise ConfigError(f"cannot compose config: {e}") from e
+    except yaml.YAMLError as e:  # the message names the file, line and column
+        raise ConfigError(f"cannot compose config: a YAML file in {cdir} is not valid: {e}") from e
+    except UnicodeDecodeError as e:
+        bad = next((str(f) for f in sorted(cdir.rglob("*.y*ml")) if not _is_utf8(f)), f"a file in {cdir}")
+        raise ConfigError(f"cannot compose config: {bad} is not UTF-8 text ({e.reason} at byte {e.start})") from e
     except OmegaConfBaseException as e:  # e.g. overriding a key the YAML files do not set
         key = getattr(e, "full_key", None) or ""
         hint = f" (a field the YAML does not set is added with a leading '+': +{key}=...)" if key else ""
         raise ConfigError(f"{key}: {str(e).splitlines()[0]}{hint}") from e
     return from_dict(OmegaConf.to_container(composed, resolve=True))  # type: ignore[arg-type]
+
+
+def _is_utf8(path: Path) -> bool:
+    try:
+        path.read_bytes().decode("utf-8")
+        return True
+    except (UnicodeDecodeError, OSError):
+        return False
 
 
 def from_dict(d: dict[str, Any]) -> Config:

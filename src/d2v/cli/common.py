@@ -33,9 +33,11 @@ def config_from_args(ns: argparse.Namespace) -> "Config":
         if not ns.params.is_file():
             raise ConfigError(f"params file not found: {ns.params}")
         try:
-            d = yaml.safe_load(ns.params.read_text())
+            d = yaml.safe_load(ns.params.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             raise ConfigError(f"{ns.params}: not valid YAML: {e}") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{ns.params}: not UTF-8 text (byte {e.start}: {e.reason})") from e
         if not isinstance(d, dict):
             raise ConfigError(f"{ns.params}: expected a mapping at the top level")
         try:

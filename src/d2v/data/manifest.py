@@ -86,6 +86,6 @@ def read_manifest(path: Path):
     except pd.errors.EmptyDataError as e:
         raise InputError(f"{path}: empty manifest (not even a header line); rerun `d2v download`") from e
     except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); a manifest is a UTF-8 CSV") from e
+        raise InputError(f"{path}: not UTF-8 text ({e.reason}); a manifest is a UTF-8 CSV") from e
     except (pd.errors.ParserError, ValueError) as e:
         raise InputError(f"{path}: not a readable manifest CSV: {str(e).strip().splitlines()[0][:200]}") from e

@@ -14,6 +14,7 @@ cannot read. Shards are written to ``*.tar.tmp`` and renamed when complete.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
@@ -30,6 +31,7 @@ from d2v.data.manifest import SPLITS, manifest_path, raw_dir, read_manifest
 from d2v.errors import InputError
 
 FIXED_MTIME = 1_700_000_000  # reproducible tar headers
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
 
 
 def shard_dir(root: Path | str, modality: str) -> Path:
@@ -159,9 +161,13 @@ def write_shards(modality: str, root: Path | str, seed: int, maxcount: int, min_
         bar = tqdm(samples, total=n, desc=f"shard {modality}/{split}", disable=not progress, unit="sample")
         try:
             written = _write_split(bar, out, split, per_shard)
-        except BaseException:
+        except BaseException as e:
             for part in out.glob("*.tmp"):  # never leave half a shard behind
                 part.unlink()
+            if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:  # disk full, quota, read-only, I/O
+                raise OSError(e.errno, f"{out}: could not write the {split} shards of {modality} "
+                                       f"({os.strerror(e.errno)}); the partial shard was removed and no "
+                                       f"{split}.json index written") from e
             raise
         index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": f"{modality}-{split}",
                  "shardlist": written}
@@ -177,7 +183,11 @@ def write_shards(modality: str, root: Path | str, seed: int, maxcount: int, min_
 def _write_atomic(path: Path, text: str) -> None:
     """An index is read as the list of complete shards: written to a temp file, then renamed."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    try:
+        tmp.write_text(text)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"{path}: could not write ({e.strerror})") from e
     os.replace(tmp, path)
 
 

@@ -94,6 +94,13 @@ def torch_load_checked(path: Path, map_location: str = "cpu") -> Any:
             detail = _refusal_detail(msg)
             raise InputError(f"{path}: refused to load: the pickle names {detail}, outside the allowed set "
                              "(tensors and plain containers); nothing from it was executed") from e
+        if "Weights only load failed" in msg:
+            import re
+
+            why = re.search(r"WeightsUnpickler error:\s*(.+)", msg)
+            raise InputError(f"{path}: refused to load: not a weights-only checkpoint "
+                             f"({_first_line(why.group(1)) if why else 'unsupported pickle'}); "
+                             "nothing from it was executed") from e
         raise InputError(f"{path}: truncated or corrupt checkpoint ({_first_line(msg)})") from e
     except (zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError, KeyError, AttributeError,
             TypeError, IndexError, UnicodeDecodeError) as e:

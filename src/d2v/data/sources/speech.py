@@ -697,7 +697,13 @@ def build_librispeech_manifests(speech_dir: Path, subsets: Iterable[str], sample
             raise FileNotFoundError(f"LibriSpeech subset folder not found: {sdir}")
         seen: set[Path] = set()
         for trans in sorted(sdir.rglob("*.trans.txt")):
-            for lineno, line in enumerate(trans.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                lines = trans.read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError as e:  # its FLAC files are then quarantined as "no transcript line"
+                bad.append({"key": safe_key("librispeech", trans.name), "path": trans.relative_to(speech_dir).as_posix(),
+                            "reason": f"transcript not UTF-8 ({e.reason} at byte {e.start})"})
+                continue
+            for lineno, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
                 utt, _, text = line.strip().partition(" ")

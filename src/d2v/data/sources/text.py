@@ -366,6 +366,19 @@ def strip_wiki(markup: str) -> list[tuple[str, str]]:
     return out
 
 
+def _xml_elements(stream, path: str):
+    """``ET.iterparse`` end events; a malformed or truncated file is an ``InputError`` naming it."""
+    it = ET.iterparse(stream, events=("end",))
+    while True:
+        try:
+            _, el = next(it)
+        except StopIteration:
+            return
+        except ET.ParseError as e:
+            raise InputError(f"{path}: not well-formed MediaWiki XML: {e}") from e
+        yield el
+
+
 def parse_wiki_xml(stream, path: str = "wiki.txt") -> tuple[list[Item], list[str], dict]:
     """Articles (namespace 0, not redirects) of a MediaWiki XML export: (paragraph items, wiki.txt lines, counts).
 
@@ -373,7 +386,7 @@ def parse_wiki_xml(stream, path: str = "wiki.txt") -> tuple[list[Item], list[str
     items: list[Item] = []
     lines: list[str] = []
     stats = Counter()
-    for _, el in ET.iterparse(stream, events=("end",)):
+    for el in _xml_elements(stream, path):
         tag = el.tag.rsplit("}", 1)[-1]
         if tag != "page":
             continue
