@@ -51,3 +51,22 @@ def test_a_failed_run_is_marked_failed(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("d2v").experiment_id], order_by=["attributes.start_time DESC"],
                               max_results=1)
     assert runs[0].info.status == "FAILED"
+
+
+def test_system_metrics_and_prefect_tags_are_logged(monkeypatch):
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from d2v.tracking.mlflow_utils import Tracker, tracking_uri
+
+    monkeypatch.setenv("D2V_PREFECT_FLOW_RUN_ID", "flow-run-123")
+    tr = Tracker("sysmetrics", {"a": 1}, system_interval_s=0.2)
+    time.sleep(1.0)
+    tr.log({"loss": 1.0}, 1)
+    tr.finish()
+    run = MlflowClient(tracking_uri()).get_run(tr.run_id)
+    system = [k for k in run.data.metrics if k.startswith("system/")]
+    assert any("cpu_utilization" in k for k in system) and any("memory" in k for k in system), system
+    assert run.data.tags["prefect_flow_run_id"] == "flow-run-123"
+    assert run.data.metrics["loss"] == 1.0

@@ -63,12 +63,15 @@ def write_manifest(path: Path, modality: str, rows: Iterable[Mapping[str, object
 
 
 def write_quarantine(path: Path, rows: Iterable[Mapping[str, object]]) -> int:
+    """Write the quarantine rows atomically (a crash never leaves a half file to be counted)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = list(rows)
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=QUARANTINE_COLUMNS)
         w.writeheader()
         w.writerows(rows)
+    tmp.replace(path)
     return len(rows)
 
 

@@ -21,7 +21,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .blocks import make_blocks, run_blocks
 from .config import ModelConfig

@@ -73,6 +73,43 @@ def model_config_from_dict(d: Mapping[str, Any], where: str = "model") -> ModelC
     return cfg.validate()
 
 
+# ------------------------------------------------------------------------------------ file writing
+class _WriteRecorder:
+    """A file wrapper that remembers the OSError of a failed write: ``torch.save`` turns it into
+    a bare "unexpected pos" RuntimeError, which would hide a full disk."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b) -> int:
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    """``torch.save(obj, path)`` then fsync; a failed write (disk full, quota, I/O error) raises
+    ``OSError`` with the cause's errno and a message naming ``path`` (the partial file is left to
+    the caller, who wrote it to a temporary name)."""
+    rec = None
+    try:
+        with open(path, "wb") as f:
+            rec = _WriteRecorder(f)
+            torch.save(obj, rec)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:
+        cause = rec.error if rec is not None and rec.error is not None else e
+        code = getattr(cause, "errno", None)
+        why = os.strerror(code) if code else f"{type(cause).__name__}: {_first_line(str(cause))}"
+        raise (OSError(code, f"{path}: {why}") if code else OSError(f"{path}: {why}")) from cause
+
+
 # ------------------------------------------------------------------------------------ file reading
 def torch_load_checked(path: Path, map_location: str = "cpu") -> Any:
     """``torch.load(weights_only=True)`` with every failure turned into an ``InputError`` naming ``path``.
@@ -94,13 +131,6 @@ def torch_load_checked(path: Path, map_location: str = "cpu") -> Any:
             detail = _refusal_detail(msg)
             raise InputError(f"{path}: refused to load: the pickle names {detail}, outside the allowed set "
                              "(tensors and plain containers); nothing from it was executed") from e
-        if "Weights only load failed" in msg:
-            import re
-
-            why = re.search(r"WeightsUnpickler error:\s*(.+)", msg)
-            raise InputError(f"{path}: refused to load: not a weights-only checkpoint "
-                             f"({_first_line(why.group(1)) if why else 'unsupported pickle'}); "
-                             "nothing from it was executed") from e
         raise InputError(f"{path}: truncated or corrupt checkpoint ({_first_line(msg)})") from e
     except (zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError, KeyError, AttributeError,
             TypeError, IndexError, UnicodeDecodeError) as e:
@@ -193,7 +223,12 @@ def save_model_dir(model: torch.nn.Module, out_dir: Union[str, Path], *, tokeniz
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-        torch.save(sd, tmp / WEIGHTS_FILE)
+        try:
+            save_torch(sd, tmp / WEIGHTS_FILE)
+        except OSError as e:
+            kept = f"{out_dir} is unchanged" if out_dir.exists() else f"nothing was written to {out_dir}"
+            msg = f"{out_dir}: could not write the model folder ({os.strerror(e.errno) if e.errno else e}); {kept}"
+            raise (OSError(e.errno, msg) if e.errno else OSError(msg)) from e
         cfg = {
             "format": FORMAT,
             "model": model_config_to_dict(model.cfg),

@@ -97,7 +97,7 @@ class Tracker:
     """One MLflow run; metrics are buffered and sent in batches (one SQLite write per flush)."""
 
     def __init__(self, run_name: str, params: Mapping[str, Any], tags: Optional[Mapping[str, str]] = None,
-                 experiment: str = EXPERIMENT):
+                 experiment: str = EXPERIMENT, system_metrics: bool = True, system_interval_s: float = 5.0):
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         import mlflow
         from mlflow.tracking import MlflowClient
@@ -107,6 +107,9 @@ class Tracker:
         exp_id = exp.experiment_id if exp else with_retry(
             "the experiment", lambda: self.client.create_experiment(experiment, artifact_location=artifact_root()))
         all_tags = {"git_commit": git_commit() or "unknown", "mlflow.runName": run_name, **(tags or {})}
+        for var, tag in (("D2V_PREFECT_FLOW_RUN_ID", "prefect_flow_run_id"), ("D2V_PREFECT_DEPLOYMENT", "prefect_deployment")):
+            if os.environ.get(var):  # set by flows/ when a Prefect run started this stage
+                all_tags[tag] = os.environ[var]
         self.run = with_retry("a new run", lambda: self.client.create_run(exp_id, tags=all_tags, run_name=run_name))
         self.run_id = self.run.info.run_id
         flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
@@ -116,6 +119,15 @@ class Tracker:
             with_retry("params", lambda: self.client.log_batch(self.run_id, params=batch))
         self._pending: list[Any] = []
         self._metric = mlflow.entities.Metric
+        self._system = None
+        if system_metrics:
+            # CPU/RAM/disk/network (and GPU where pynvml finds one) as system/* metrics, sampled
+            # by MLflow's monitor thread every `system_interval_s` seconds.
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._system = SystemMetricsMonitor(self.run_id, sampling_interval=system_interval_s,
+                                                tracking_uri=tracking_uri())
+            self._system.start()
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         import time
@@ -137,5 +149,8 @@ class Tracker:
         with_retry(f"artifact {path}", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
 
     def finish(self, status: str = "FINISHED") -> None:
+        if self._system is not None:
+            self._system.finish()
+            self._system = None
         self.flush()
         with_retry(f"run status {status}", lambda: self.client.set_terminated(self.run_id, status=status))

@@ -107,48 +107,25 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class _WriteRecorder:
-    """A file wrapper that remembers the OSError of a failed write: ``torch.save`` turns it into
-    a bare "unexpected pos" RuntimeError, which would hide a full disk."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, b) -> int:
-        try:
-            return self.f.write(b)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
 def atomic_save(obj: dict, path: Path) -> None:
     """Write to a temp file in the same folder, fsync, then rename: a crash never leaves half a file.
 
     A failed write (disk full, quota, I/O error) removes the temp file and raises ``OSError``
     naming the checkpoint and the cause; the previous checkpoint at ``path`` is left as it was.
     """
+    from d2v.models.export import save_torch
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    rec = None
     try:
-        with open(tmp, "wb") as f:
-            rec = _WriteRecorder(f)
-            torch.save(obj, rec)
-            f.flush()
-            os.fsync(f.fileno())
-    except (OSError, RuntimeError) as e:
-        cause = rec.error if rec is not None and rec.error is not None else e
+        save_torch(obj, tmp)
+    except OSError as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        errno_ = getattr(cause, "errno", None)
-        why = os.strerror(errno_) if errno_ else f"{type(cause).__name__}: {cause}"
+        why = os.strerror(e.errno) if e.errno else str(e)
         kept = f"the previous checkpoint {path} is unchanged" if path.exists() else "no checkpoint was written"
         msg = f"{path}: could not write the checkpoint ({why}); {kept}"
-        raise (OSError(errno_, msg) if errno_ else OSError(msg)) from cause
+        raise (OSError(e.errno, msg) if e.errno else OSError(msg)) from e
     os.replace(tmp, path)
 
 
