@@ -451,6 +451,9 @@ def test_flows_hold_no_ml_code():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("D2V_FLOW_E2E") != "1",
+                    reason="the full pipeline already runs once per test run (test_pipeline.py); "
+                           "D2V_FLOW_E2E=1 also runs it through the Prefect flow")
 def test_the_project_pipeline_runs_through_the_flow(tmp_path: Path):
     """``run_pipeline`` on a fresh git+DVC copy of the project (a temporary Prefect server)."""
     import mlflow
