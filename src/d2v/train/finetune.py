@@ -32,7 +32,7 @@ from d2v.errors import InputError
 from d2v.models import Data2Vec2
 from d2v.models.blocks import run_blocks
 from d2v.models.config import ModelConfig
-from d2v.models.export import model_config_from_dict
+from d2v.models.export import model_config_from_dict, save_torch
 from d2v.train.downstream_data import LabelledSplit, label_names, load_split
 from d2v.train.pretrain import lr_at, pick_device
 
@@ -130,7 +130,11 @@ def save_classifier(clf: Classifier, out_dir: Path, meta: dict[str, Any]) -> Pat
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save(clf.state_dict(), tmp / "weights.pt")
+    try:
+        save_torch(clf.state_dict(), tmp / "weights.pt")  # a full disk is a clear OSError naming the file
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     cfg = {"format": CLASSIFIER_FORMAT, "model": asdict(clf.model_cfg), "modality": clf.modality,
            "num_classes": clf.head.out_features, **meta}
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
