@@ -264,6 +264,12 @@ def conf_dir() -> Path:
 
 def load_config(overrides: Sequence[str] = (), config_name: str = "config", config_dir: Optional[Path] = None) -> Config:
     """Compose ``conf/<config_name>.yaml`` with Hydra overrides into a validated ``Config``."""
+    return from_dict(compose_dict(overrides, config_name, config_dir))
+
+
+def compose_dict(overrides: Sequence[str] = (), config_name: str = "config",
+                 config_dir: Optional[Path] = None) -> dict[str, Any]:
+    """The plain Hydra composition (what DVC writes to params.yaml on `dvc exp run`), not validated."""
     import yaml
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
@@ -285,7 +291,7 @@ def load_config(overrides: Sequence[str] = (), config_name: str = "config", conf
         key = getattr(e, "full_key", None) or ""
         hint = f" (a field the YAML does not set is added with a leading '+': +{key}=...)" if key else ""
         raise ConfigError(f"{key}: {str(e).splitlines()[0]}{hint}") from e
-    return from_dict(OmegaConf.to_container(composed, resolve=True))  # type: ignore[arg-type]
+    return OmegaConf.to_container(composed, resolve=True)  # type: ignore[return-value]
 
 
 def _is_utf8(path: Path) -> bool:

@@ -25,10 +25,17 @@ def main(argv: list[str]) -> int:
     def run() -> int:
         import yaml
 
-        from d2v.config import to_dict
+        from d2v.config import compose_dict, from_dict, to_dict
 
-        cfg = config_from_args(ns)
-        text = HEADER.format(args=" ".join(ns.overrides)) + yaml.safe_dump(to_dict(cfg), sort_keys=False)
+        if ns.params is not None:
+            data = to_dict(config_from_args(ns))
+        else:
+            # The plain Hydra composition, as DVC writes it on `dvc exp run`: if params.yaml held
+            # the dataclass defaults too, every experiment would look like a params change to
+            # every stage. It is validated all the same.
+            data = compose_dict(ns.overrides, config_name=ns.config_name)
+            from_dict(data)
+        text = HEADER.format(args=" ".join(ns.overrides)) + yaml.safe_dump(data, sort_keys=False)
         if ns.out:
             ns.out.write_text(text)
         else:
