@@ -23,6 +23,16 @@ TEXT_LEN = 32
 VOCAB = 100
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: on two cores shared with other jobs, OpenMP threads spin
+    against each other and two threads can be many times slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -28,12 +28,7 @@ LINES = ["In the beginning God created the heaven and the earth.", "Short.",
          "And the earth was without form, and void; and darkness was upon the face of the deep."]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

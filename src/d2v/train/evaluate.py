@@ -20,11 +20,11 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from d2v.config import Config, TaskConfig, to_dict
+from d2v.config import Config, to_dict
 from d2v.errors import InputError
 from d2v.train.downstream_data import LabelledSplit
-from d2v.train.finetune import Classifier, accuracy, load_backbone, load_classifier, load_task_data, predict
-from d2v.train.pretrain import pick_device
+from d2v.train.finetune import (Classifier, accuracy, load_backbone, load_classifier, load_task_data, predict,
+                                task_setup)
 
 
 @torch.no_grad()
@@ -83,12 +83,7 @@ def plot_confusion(m: np.ndarray, names: list[str], title: str, path: Path) -> N
 
 def evaluate_task(cfg: Config, task: str, metrics_path: Optional[Path] = None,
                   plot_path: Optional[Path] = None, finetune_report: Optional[Path] = None) -> dict[str, Any]:
-    cfg.validate()
-    ft = cfg.finetune
-    tc: TaskConfig = getattr(ft, task)
-    if ft.threads > 0:
-        torch.set_num_threads(ft.threads)
-    device = pick_device(ft.device)
+    ft, tc, device = task_setup(cfg, task)
     t0 = time.perf_counter()
     clf, meta = load_classifier(Path(ft.out_dir) / task / "pretrained")
     base, _ = load_classifier(Path(ft.out_dir) / task / "random")

@@ -246,15 +246,19 @@ def load_task_data(cfg: Config, task: str, split: str, max_n: int) -> LabelledSp
     return load_split(cfg.data.root, task, split, max_n, **kw)
 
 
+def task_setup(cfg: Config, task: str) -> tuple[Any, TaskConfig, torch.device]:
+    """Validate ``cfg``, apply ``finetune.threads``; the finetune section, the task's config, the device."""
+    cfg.validate()
+    ft = cfg.finetune
+    if ft.threads > 0:
+        torch.set_num_threads(ft.threads)
+    return ft, getattr(ft, task), pick_device(ft.device)
+
+
 def finetune_task(cfg: Config, task: str, progress: bool = True, inits: tuple[str, ...] = INITS,
                   metrics_path: Optional[Path] = None, history_path: Optional[Path] = None) -> dict[str, FinetuneRun]:
     """Fine-tune the pretrained and the random-init classifier of ``task`` with the same budget."""
-    cfg.validate()
-    ft = cfg.finetune
-    tc: TaskConfig = getattr(ft, task)
-    if ft.threads > 0:
-        torch.set_num_threads(ft.threads)
-    device = pick_device(ft.device)
+    ft, tc, device = task_setup(cfg, task)
     names = label_names(cfg.data.root, task)
     t0 = time.perf_counter()
     train = load_task_data(cfg, task, "train", tc.max_train)
