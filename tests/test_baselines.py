@@ -1,19 +1,21 @@
-"""Baseline objectives (data2vec 1.0-style, MAE) and the efficiency benchmarks' smoke runs."""
+"""Baseline objectives (data2vec 1.0-style, MAE, BERT-style) and the efficiency benchmarks' smoke runs."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import build_cfg, make_batch
+from conftest import VOCAB, build_cfg, make_batch
 
 from d2v.config import PROJECT_ROOT
+from d2v.data.tokenizer import BOS, PAD, UNK
 from d2v.errors import InputError
 from d2v.models import Data2Vec2
-from d2v.models.baselines import MAE, Data2Vec1Style, backbone_of, objective, patchify
+from d2v.models.baselines import MAE, BERTStyle, Data2Vec1Style, backbone_of, objective, patchify
 
 
 @pytest.fixture(autouse=True)
@@ -97,9 +99,108 @@ def test_objective_names():
     cfg = build_cfg("image")
     assert isinstance(objective("data2vec2", cfg), Data2Vec2)
     with pytest.raises(InputError, match="unknown objective"):
-        objective("bert", cfg)
+        objective("nope", cfg)
     with pytest.raises(InputError, match="image"):
         MAE(build_cfg("text"))
+
+
+def _text_rows(batch_size: int, length: int = 32, seed: int = 0) -> torch.Tensor:
+    """<s> + ordinary ids (never <unk>), each row right-padded after a random length in [8, length]."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, VOCAB, (batch_size, length), generator=g)
+    src[:, 0] = BOS
+    lengths = torch.randint(8, length + 1, (batch_size,), generator=g)
+    src[torch.arange(length) >= lengths.unsqueeze(1)] = PAD
+    return src
+
+
+def test_bert_loss_at_init_is_about_ln_vocab():
+    model = objective("bert", build_cfg("text")).train()
+    assert isinstance(model, BERTStyle) and isinstance(backbone_of(model), Data2Vec2)
+    out = model(_text_rows(8))
+    assert math.isfinite(out.loss.item()) and abs(out.loss.item() - math.log(VOCAB)) < 0.3
+    assert out.pred.shape == (int(out.mask.sum()), VOCAB) and out.target.shape == (int(out.mask.sum()),)
+
+
+def test_bert_chooses_15_percent_of_the_real_tokens_only():
+    model = BERTStyle(build_cfg("text"))
+    src = _text_rows(64)
+    chosen = model.select(src, generator=torch.Generator().manual_seed(1))
+    real = src.ne(PAD) & src.ne(BOS)
+    assert not bool((chosen & ~real).any())  # never <pad> or <s>
+    n_real, n_chosen = real.sum(1).float(), chosen.sum(1).float()
+    # per row: floor or ceil of 15% (random rounding), at least one
+    assert bool((n_chosen >= torch.floor(0.15 * n_real).clamp_min(1)).all())
+    assert bool((n_chosen <= torch.ceil(0.15 * n_real)).all())
+    assert abs(float(n_chosen.sum() / n_real.sum()) - 0.15) < 0.02
+
+
+def test_bert_80_10_10_corruption():
+    model = BERTStyle(build_cfg("text"))
+    g = torch.Generator().manual_seed(2)
+    src = torch.randint(4, VOCAB, (400, 64), generator=g)  # no <unk>: a mask id is unambiguous
+    chosen = model.select(src, generator=g)
+    x = model.corrupt(src, chosen, generator=g)
+    assert torch.equal(x[~chosen], src[~chosen])  # only the chosen positions change
+    xc, sc = x[chosen], src[chosen]
+    n = xc.numel()
+    assert n > 3000
+    as_mask = float((xc == UNK).sum()) / n
+    unchanged = float((xc == sc).sum()) / n
+    replaced = float(((xc != UNK) & (xc != sc)).sum()) / n
+    # a random replacement equals the original with probability 1/96
+    assert abs(as_mask - 0.8) < 0.025
+    assert abs(unchanged - (0.1 + 0.1 / (VOCAB - 4))) < 0.02
+    assert abs(replaced - 0.1 * (1 - 1 / (VOCAB - 4))) < 0.02
+    assert int(xc[xc != UNK].min()) >= 4 and int(xc.max()) < VOCAB  # random ids are ordinary tokens
+
+
+def test_bert_full_length_gradients_and_no_teacher():
+    cfg = build_cfg("text")
+    model = BERTStyle(cfg).train()
+    bb = model.backbone
+    student_calls, teacher_calls = _count_calls(bb.blocks[0]), _count_calls(bb.teacher.blocks[0])
+    src = _text_rows(4)
+    out = model(src)
+    assert student_calls == [(4, 32, cfg.embed_dim)] and teacher_calls == []  # full length, no teacher
+    out.loss.backward()
+    emb = bb.encoder("text").local_encoder.embed_tokens
+    assert model.embed_tokens is emb and emb.weight.grad is not None and float(emb.weight.grad.abs().sum()) > 0
+    assert model.lm_bias.grad is not None and model.lm_dense.weight.grad is not None
+    assert all(p.grad is None for p in bb.teacher.parameters())
+    before = [p.clone() for p in bb.teacher.parameters()]
+    model.update_teacher(1)  # a no-op
+    assert all(torch.equal(a, b) for a, b in zip(before, bb.teacher.parameters()))
+    ids = {id(p) for grp in model.param_groups(0.05) for p in grp["params"]}
+    assert id(emb.weight) in ids and id(model.lm_bias) in ids
+    assert not any(id(p) in ids for p in bb.teacher.parameters())
+    with pytest.raises(InputError, match="real tokens"):
+        model(src, mask=src.eq(BOS))
+
+
+def test_bert_loss_falls_on_a_fixed_batch():
+    model = BERTStyle(build_cfg("text")).train()
+    opt = torch.optim.AdamW(model.param_groups(0.0), lr=2e-3)
+    src = _text_rows(8)
+    chosen = model.select(src, generator=torch.Generator().manual_seed(3))
+    losses = []
+    for _ in range(30):
+        out = model(src, mask=chosen, generator=torch.Generator().manual_seed(4))  # the same corruption
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(out.loss.item())
+    assert losses[-1] < 0.7 * losses[0] and losses[-1] == min(losses[-3:]), losses
+
+
+def test_bert_refuses_a_model_without_text():
+    with pytest.raises(InputError, match="text encoder"):
+        BERTStyle(build_cfg("image"))
+    with pytest.raises(InputError, match="text encoder"):
+        objective("bert", build_cfg("image", "speech"))
+    model = BERTStyle(build_cfg("image", "text"))
+    with pytest.raises(InputError, match="text-only"):
+        model(make_batch("image", 2), "image")
 
 
 def _run(args, timeout=300):

@@ -8,9 +8,15 @@
 * ``MAE``: visible tokens only through the shared image encoder and blocks, a small transformer
   decoder (mask tokens + fixed 2-D sin-cos positions) reconstructing per-patch normalised pixels;
   the loss is the per-patch MSE averaged over masked patches only.
+* ``BERTStyle``: RoBERTa's masked-LM objective on the shared text encoder. 15% of the real tokens
+  of each sequence are chosen (80% -> mask id, 10% -> a random ordinary token, 10% unchanged), the
+  *full* corrupted sequence goes through the text encoder and the blocks (the same full-length path
+  as ``Data2Vec1Style``), and an LM head (dense, GELU, LayerNorm, output projection tied to the
+  token embedding, plus a bias) predicts the original ids at the chosen positions (cross-entropy).
+  No teacher: the backbone's EMA teacher is never run nor moved.
 
-Both wrap a ``Data2Vec2`` backbone (its modality encoders, blocks and EMA teacher) and leave its
-numerics untouched; ``objective(...)`` builds any of ``data2vec2 | data2vec1 | mae``.
+All wrap a ``Data2Vec2`` backbone (its modality encoders, blocks and EMA teacher) and leave its
+numerics untouched; ``objective(...)`` builds any of ``data2vec2 | data2vec1 | mae | bert``.
 Each ``forward`` returns an object with ``.loss`` (what to backpropagate).
 """
 
@@ -21,6 +27,9 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from d2v.data.tokenizer import BOS, EOS, PAD, UNK
 
 from .blocks import make_blocks, run_blocks
 from .config import ModelConfig
@@ -28,7 +37,7 @@ from .data2vec2 import Data2Vec2, _init_bert_params
 from .encoders import InputError, sincos_2d
 from . import masking
 
-OBJECTIVES = ("data2vec2", "data2vec1", "mae")
+OBJECTIVES = ("data2vec2", "data2vec1", "mae", "bert")
 
 
 @dataclass
@@ -187,14 +196,141 @@ class MAE(nn.Module):
         return BaselineOutput(loss, pred, target, mask)
 
 
+class BERTStyle(nn.Module):
+    """RoBERTa-style masked-token prediction on the shared text encoder (see module docstring).
+
+    Mask id: the project's sentencepiece vocabulary (``d2v.data.tokenizer``) has only ``<s>`` = 0,
+    ``<pad>`` = 1, ``</s>`` = 2 and ``<unk>`` = 3 as specials and no ``<mask>`` (every other id is a
+    real piece, ``vocab_size`` is the tokenizer's). So ``<unk>`` stands in for ``<mask>`` by default:
+    the tokenizer is trained with full character coverage on the same training text, so ``<unk>``
+    practically never occurs in the data and is free to mean "masked" (pass ``mask_idx`` to choose
+    another id, e.g. one reserved past the tokenizer's vocabulary).
+
+    Chosen positions: per sequence, ``round_random(mask_prob * n_real)`` (at least 1) of its real
+    tokens, uniformly without replacement (fairseq ``MaskTokensDataset``); real = not ``<pad>``,
+    ``<s>`` or ``</s>``. Random replacements are drawn uniformly from the ordinary ids
+    ``[4, vocab_size)`` (fairseq gives the specials zero weight), so no corruption makes a pad.
+    """
+
+    def __init__(self, cfg: ModelConfig, mask_prob: float = 0.15, leave_unmasked_prob: float = 0.1,
+                 random_token_prob: float = 0.1, mask_idx: int = UNK):
+        super().__init__()
+        if "text" not in cfg.modalities:
+            raise InputError("the BERT-style objective needs a text encoder")
+        if not 0 < mask_prob < 1 or leave_unmasked_prob < 0 or random_token_prob < 0 \
+                or leave_unmasked_prob + random_token_prob > 1:
+            raise InputError("BERTStyle: need 0 < mask_prob < 1 and leave_unmasked + random_token <= 1")
+        self.backbone = Data2Vec2(cfg)
+        self.cfg = cfg
+        enc = self.backbone.encoder("text")
+        self.vocab_size = enc.mcfg.vocab_size
+        self.pad_idx = enc.mcfg.pad_idx
+        self.specials = sorted({BOS, PAD, EOS, self.pad_idx})
+        self.first_ordinary = max(self.specials + [UNK]) + 1
+        if not 0 <= mask_idx < self.vocab_size or mask_idx == self.pad_idx:
+            raise InputError(f"mask_idx {mask_idx} must be a non-pad id in [0, {self.vocab_size})")
+        if self.first_ordinary >= self.vocab_size:
+            raise InputError(f"vocab_size {self.vocab_size} leaves no ordinary token to predict")
+        self.mask_idx = mask_idx
+        self.mask_prob, self.leave_unmasked_prob, self.random_token_prob = mask_prob, leave_unmasked_prob, random_token_prob
+        d = cfg.embed_dim
+        # RoBERTa's LM head: dense -> GELU -> LayerNorm -> tied output projection + bias
+        self.lm_dense = nn.Linear(d, d)
+        self.lm_norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.lm_bias = nn.Parameter(torch.zeros(self.vocab_size))
+        self.lm_dense.apply(_init_bert_params)
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.backbone.encoder("text").local_encoder.embed_tokens
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        return _student_param_groups(self, weight_decay)
+
+    def update_teacher(self, num_updates: int) -> float:  # no teacher: nothing to move
+        return 1.0
+
+    def real_tokens(self, source: torch.Tensor) -> torch.Tensor:
+        """True where a token may be chosen (not pad, <s> or </s>)."""
+        real = torch.ones_like(source, dtype=torch.bool)
+        for i in self.specials:
+            real &= source.ne(i)
+        return real
+
+    def select(self, source: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """(B, T) bool: the positions to predict, ~``mask_prob`` of each row's real tokens."""
+        real = self.real_tokens(source)
+        n_real = real.sum(1)
+        u = torch.rand(source.shape[0], generator=generator, device=generator.device if generator else None)
+        k = torch.floor(self.mask_prob * n_real.float() + u.to(source.device)).long()
+        k = torch.minimum(k.clamp_min(1), n_real)
+        score = torch.rand(source.shape, generator=generator, device=generator.device if generator else None)
+        score = score.to(source.device).masked_fill(~real, 2.0)  # non-real positions sort last
+        rank = score.argsort(1).argsort(1)
+        return rank < k.unsqueeze(1)
+
+    def corrupt(self, source: torch.Tensor, chosen: torch.Tensor,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The input ids: chosen positions become mask (80%) / random (10%) / themselves (10%)."""
+        dev = generator.device if generator else None
+        u = torch.rand(source.shape, generator=generator, device=dev).to(source.device)
+        rnd = torch.randint(self.first_ordinary, self.vocab_size, source.shape, generator=generator,
+                            device=dev).to(source.device, source.dtype)
+        p_rand = self.random_token_prob
+        p_keep = self.leave_unmasked_prob
+        to_mask = chosen & (u < 1 - p_rand - p_keep)
+        to_rand = chosen & (u >= 1 - p_rand - p_keep) & (u < 1 - p_keep)
+        x = torch.where(to_mask, torch.full_like(source, self.mask_idx), source)
+        return torch.where(to_rand, rnd, x)
+
+    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.lm_norm(F.gelu(self.lm_dense(h)))
+        return F.linear(h, self.embed_tokens.weight, self.lm_bias)
+
+    def forward(self, source: torch.Tensor, modality: str = "text", mask: Optional[torch.Tensor] = None,
+                padding_mask: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> BaselineOutput:
+        """``mask``: optional (B, T) bool of the positions to predict (default: ``select``); the
+        80/10/10 corruption is drawn here from ``generator``. ``pred``: (N, vocab) logits and
+        ``target``: (N,) original ids, N = chosen positions in row-major order."""
+        if modality != "text":
+            raise InputError("the BERT-style objective is text-only")
+        bb = self.backbone
+        enc = bb.encoder("text")
+        enc.check_input(source)
+        if mask is None:
+            mask = self.select(source, generator)
+        else:
+            if tuple(mask.shape) != tuple(source.shape):
+                raise InputError(f"mask must have the shape of the ids {tuple(source.shape)}, got {tuple(mask.shape)}")
+            mask = mask.to(source.device).bool()
+            if bool((mask & ~self.real_tokens(source)).any()):
+                raise InputError("the mask chooses <pad>, <s> or </s> positions; choose real tokens only")
+        inputs = self.corrupt(source, mask, generator)
+        padding_mask = bb._padding(enc, source, padding_mask)
+        # ---- the full corrupted sequence through the shared path (as Data2Vec1Style's student)
+        ctx = enc.contextualize(enc.local_features(inputs), padding_mask=padding_mask)
+        h, _ = run_blocks(bb.blocks, ctx.x, ctx.bias, self.cfg.layerdrop)
+        h = h[:, enc.num_extra_tokens:]
+        pred = self.lm_head(h[mask])  # only the chosen positions (fairseq's masked_tokens)
+        target = source[mask]
+        if target.numel():
+            loss = F.cross_entropy(pred.float(), target.long())
+        else:  # nothing to predict (e.g. a batch of padding): a zero that keeps the graph
+            loss = pred.sum() * 0.0
+        return BaselineOutput(loss, pred, target, mask)
+
+
 def objective(name: str, cfg: ModelConfig) -> nn.Module:
-    """``data2vec2`` (the project's model) | ``data2vec1`` | ``mae``, all on the same encoder code."""
+    """``data2vec2`` (the project's model) | ``data2vec1`` | ``mae`` | ``bert``, all on the same encoder code."""
     if name == "data2vec2":
         return Data2Vec2(cfg)
     if name == "data2vec1":
         return Data2Vec1Style(cfg)
     if name == "mae":
         return MAE(cfg)
+    if name == "bert":
+        return BERTStyle(cfg)
     raise InputError(f"unknown objective {name!r}; expected one of {', '.join(OBJECTIVES)}")
 
 
