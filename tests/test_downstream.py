@@ -171,6 +171,32 @@ def test_same_budget_same_batches(image_root, tmp_path):
     assert losses[0] == losses[1]
 
 
+def test_batch_pool_norm_standardises_features_and_round_trips(image_root, tmp_path):
+    """pool_norm='batch': per-feature standardisation in training (no affine), running statistics
+    saved with the classifier, so a reloaded classifier predicts exactly as the trained one."""
+    cfg = make_cfg(image_root, tmp_path, init="random", steps=15)
+    train, test = load_split(image_root, "image", "train"), load_split(image_root, "image", "test")
+    torch.manual_seed(0)
+    clf = ft.Classifier(Data2Vec2(cfg.model), "image", 2, pool_norm="batch")
+    assert isinstance(clf.fc_norm, torch.nn.BatchNorm1d) and not clf.fc_norm.affine
+    with torch.no_grad():
+        z = clf.fc_norm(clf.features(train.source[:32]) * 50 + 7)  # scale and shift do not survive
+    assert z.mean(0).abs().max() < 1e-4 and (z.std(0, unbiased=False) - 1).abs().max() < 1e-2
+    ft.train_classifier(clf, train, cfg.finetune.image, 7, torch.device("cpu"), progress=False)
+    assert int(clf.fc_norm.num_batches_tracked) > 15  # updated by training (and by the check above)
+    before = ft.predict(clf, test, 16, torch.device("cpu"))
+    out = ft.save_classifier(clf, tmp_path / "clf", {"task": "image"})
+    loaded, meta = ft.load_classifier(out)
+    assert meta["pool_norm"] == "batch" and isinstance(loaded.fc_norm, torch.nn.BatchNorm1d)
+    assert torch.equal(ft.predict(loaded, test, 16, torch.device("cpu")), before)
+    with pytest.raises(InputError, match="pool_norm"):
+        ft.Classifier(Data2Vec2(cfg.model), "image", 2, pool_norm="group")
+    bad = make_cfg(image_root, tmp_path, init="random")
+    bad.finetune.image.pool_norm = "group"
+    with pytest.raises(Exception, match="finetune.image.pool_norm"):
+        bad.validate()
+
+
 def test_classifier_bad_input(tmp_path):
     with pytest.raises(InputError, match="not a classifier folder"):
         ft.load_classifier(tmp_path / "nothing")

@@ -695,11 +695,33 @@ def test_speech_local_encoder_statistics_are_logged(tmp_path, monkeypatch):
     assert all(math.isnan(r["local_mean"]) for r in res.history if r["modality"] == "image")
     with open(tmp_path / "history.tsv", newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
-    assert {"local_mean", "local_std"} <= set(rows[0])
+    assert {"local_mean", "local_std", "local_frame_std"} <= set(rows[0])
+    assert all(0 < r["local_frame_std"] for r in speech)
     logged = _RecordingTracker.last.logged
+    assert all("speech/local_frame_std" in m for step, m in logged if "speech/loss" in m)
     assert [step for step, m in logged if "speech/local_mean" in m] == [2, 4]
     assert all("speech/local_std" in m and m["speech/local_std"] > 0 for step, m in logged if "speech/loss" in m)
     assert _RecordingTracker.last.status == "FINISHED"
+
+
+def test_a_collapsed_speech_cnn_is_reported(tmp_path, monkeypatch, capsys):
+    """fairseq #5239: a CNN whose frames are all alike passes every loss/variance check; the frame
+    std of its output gives it away, with a warning naming the fix."""
+    from d2v.models.encoders import ConvFeatureExtractor
+
+    healthy = pretrain(run_cfg(tmp_path / "a", "train.modalities=[speech]", "train.max_steps=2"), progress=False)
+    assert "may have collapsed" not in capsys.readouterr().err
+    assert all(r["local_frame_std"] > 0.3 * r["local_std"] for r in healthy.history)
+    forward = ConvFeatureExtractor.forward
+
+    def same_frames(self, wav):  # every frame of every clip = one vector, plus a tiny ripple
+        out = forward(self, wav)
+        return out.mean((0, 2), keepdim=True) + 1e-3 * out
+    monkeypatch.setattr(ConvFeatureExtractor, "forward", same_frames)
+    collapsed = pretrain(run_cfg(tmp_path / "b", "train.modalities=[speech]", "train.max_steps=2"), progress=False)
+    assert all(r["local_frame_std"] < 0.1 * r["local_std"] for r in collapsed.history)
+    err = capsys.readouterr().err
+    assert err.count("may have collapsed") == 1 and "step 1" in err and "local_grad_mult=0" in err
 
 
 def test_the_local_statistics_hook_does_not_change_the_numerics(tmp_path, monkeypatch):

@@ -585,3 +585,32 @@ def test_base_parameter_counts():
         assert model.num_parameters(m) == exact, m
         assert formula == exact, m
         del model
+
+
+@pytest.mark.parametrize("modality", ["image", "speech", "text"])
+def test_local_grad_mult_scales_only_the_local_encoder_gradient(tiny_cfg, batch, modality):
+    """fairseq's local_grad_mult: 0 -> no gradient into the local encoder (the speech projection
+    still trains), 0.5 -> exactly half the gradient of 1, every other parameter unchanged."""
+    x = batch(modality)
+    grads = {}
+    for mult in (1.0, 0.5, 0.0):
+        torch.manual_seed(0)
+        model = Data2Vec2(tiny_cfg(modality, **{modality: {"local_grad_mult": mult}}))
+        torch.manual_seed(1)
+        model(x, modality).loss.backward()
+        grads[mult] = {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()}
+    local = [n for n in grads[1.0] if ".local_encoder." in n and grads[1.0][n] is not None]
+    others = [n for n in grads[1.0] if ".local_encoder." not in n and grads[1.0][n] is not None]
+    assert local and others
+    for n in local:
+        assert grads[1.0][n].abs().sum() > 0, n
+        torch.testing.assert_close(grads[0.5][n], 0.5 * grads[1.0][n], rtol=1e-5, atol=1e-8)
+        assert grads[0.0][n] is None, n  # no backward through the local encoder at all
+    for n in others:
+        torch.testing.assert_close(grads[0.5][n], grads[1.0][n], rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(grads[0.0][n], grads[1.0][n], rtol=1e-5, atol=1e-8)
+
+
+def test_local_grad_mult_must_be_non_negative(tiny_cfg):
+    with pytest.raises(Exception, match="speech.local_grad_mult"):
+        Data2Vec2(tiny_cfg("speech", speech={"local_grad_mult": -1.0}))

@@ -45,6 +45,11 @@ class ModalityConfig:
     inverse_mask: bool = False
     mask_noise_std: float = 0.01
     encoder_zero_mask: bool = True
+    # Gradient scale for the local encoder (patch embed / speech CNN / token embedding) in
+    # pretraining, fairseq's ``local_grad_mult``: 1 trains it normally, 0 keeps it at its
+    # initialisation (no backward through it), in between scales its gradient. The speech
+    # projection (LN + Linear after the CNN) always trains, as in fairseq.
+    local_grad_mult: float = 1.0
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     # What the EMA teacher holds for this modality (spec §2.2):
     #   "full"     - its own copy of the whole modality encoder, fed the raw input (images)
@@ -198,6 +203,8 @@ class ModelConfig:
             need(mc.mask_length >= 1, f"{m}.mask_length", f"must be >= 1, got {mc.mask_length}")
             need(mc.teacher_encoder in ("full", "no_local", "none"), f"{m}.teacher_encoder",
                  f"must be one of full/no_local/none, got {mc.teacher_encoder!r}")
+            need(isinstance(mc.local_grad_mult, (int, float)) and mc.local_grad_mult >= 0, f"{m}.local_grad_mult",
+                 f"must be a number >= 0, got {mc.local_grad_mult!r}")
             d = mc.decoder
             need(d.decoder_layers >= 1, f"{m}.decoder.decoder_layers", "must be >= 1")
             need(d.decoder_dim >= 1 and d.decoder_kernel >= 1, f"{m}.decoder.decoder_dim", "decoder_dim and decoder_kernel must be >= 1")

@@ -65,6 +65,19 @@ def _check_float(source: torch.Tensor, want: torch.dtype, what: str) -> None:
         raise InputError(f"{what} must be a {want} tensor (the weights' dtype), got {source.dtype}; convert it first")
 
 
+class _GradMultiply(torch.autograd.Function):
+    """Identity forward, gradient times ``scale`` backward (fairseq's ``GradMultiply``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return grad * ctx.scale, None
+
+
 def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
@@ -89,6 +102,16 @@ class ModalityEncoder(nn.Module):
 
     def local_features(self, source: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def _run_local(self, source: torch.Tensor) -> torch.Tensor:
+        """``local_encoder(source)`` with its gradient scaled by ``local_grad_mult`` (fairseq)."""
+        mult = self.mcfg.local_grad_mult
+        if mult == 1.0 or not torch.is_grad_enabled():
+            return self.local_encoder(source)
+        if mult == 0.0:
+            with torch.no_grad():
+                return self.local_encoder(source)
+        return _GradMultiply.apply(self.local_encoder(source), mult)
 
     def make_mask(self, rows: int, length: int, device: torch.device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         raise NotImplementedError
@@ -195,7 +218,7 @@ class ImageEncoder(ModalityEncoder):
         _check_float(source, self.local_encoder.proj.weight.dtype, "image batch: a float tensor of normalised pixels")
 
     def local_features(self, source: torch.Tensor) -> torch.Tensor:
-        return self.local_encoder(source)
+        return self._run_local(source)
 
     def num_tokens(self, source_shape: tuple[int, ...]) -> int:
         return self.grid * self.grid
@@ -331,7 +354,7 @@ class SpeechEncoder(ModalityEncoder):
             raise InputError(f"speech clip of {source.shape[1]} samples is too short for the feature extractor")
 
     def local_features(self, source: torch.Tensor) -> torch.Tensor:
-        return self.project_features(self.local_encoder(source))
+        return self.project_features(self._run_local(source))
 
     def num_tokens(self, source_shape: tuple[int, ...]) -> int:
         return self.local_encoder.output_length(source_shape[-1])
@@ -415,7 +438,7 @@ class TextEncoder(ModalityEncoder):
             raise InputError(f"token ids must be in [0, {m.vocab_size}), got range [{int(source.min())}, {int(source.max())}]")
 
     def local_features(self, source: torch.Tensor) -> torch.Tensor:
-        return self.local_encoder(source)
+        return self._run_local(source)
 
     def num_tokens(self, source_shape: tuple[int, ...]) -> int:
         return source_shape[-1]

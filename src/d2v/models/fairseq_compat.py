@@ -24,7 +24,7 @@ _TOP_KEYS = [
 ]
 _MOD_KEYS = [
     "prenet_depth", "prenet_dropout", "prenet_layerdrop", "num_extra_tokens", "mask_prob", "mask_prob_adjust",
-    "mask_length", "inverse_mask", "mask_noise_std", "encoder_zero_mask",
+    "mask_length", "inverse_mask", "mask_noise_std", "encoder_zero_mask", "local_grad_mult",
 ]
 _DEC_KEYS = [
     "decoder_dim", "decoder_groups", "decoder_kernel", "decoder_layers", "input_dropout", "decoder_residual",

@@ -3,7 +3,10 @@
 The classifier is the student's encoder path of one modality (local encoder, context encoder,
 shared blocks; decoder and teacher dropped), mean-pooled over the real tokens (extra tokens and
 padding excluded), then LayerNorm(eps 1e-6) and a Linear head (trunc-normal 0.02, zero bias):
-the spec's §6 image recipe, used for all three modalities here. AdamW with layer-wise learning-rate
+the spec's §6 image recipe, used for all three modalities here. ``pool_norm="batch"`` swaps the
+LayerNorm for a BatchNorm without affine (per-feature standardisation, as MAE's linear probe):
+on the tiny speech model the pooled features are dominated by a few near-constant directions
+that a LayerNorm keeps, and the head then barely learns (BENCHMARKS.md "Downstream tasks"). AdamW with layer-wise learning-rate
 decay (the local/context encoder is layer 0, block i is layer i+1, the head layer depth+1), linear
 warm-up then cosine, label smoothing.
 
@@ -43,7 +46,8 @@ INITS = ("pretrained", "random")
 class Classifier(nn.Module):
     """``model(source, padding_mask=None) -> logits``; ``features(...)`` gives the pooled vector."""
 
-    def __init__(self, backbone: Data2Vec2, modality: str, num_classes: int, freeze_local: bool = False):
+    def __init__(self, backbone: Data2Vec2, modality: str, num_classes: int, freeze_local: bool = False,
+                 pool_norm: str = "layer"):
         super().__init__()
         if modality not in backbone.modality_encoders:
             raise InputError(f"the model has no {modality!r} encoder (it has {', '.join(backbone.modality_encoders)})")
@@ -56,7 +60,10 @@ class Classifier(nn.Module):
         self.blocks = backbone.blocks
         self.layerdrop = backbone.cfg.layerdrop
         d = backbone.cfg.embed_dim
-        self.fc_norm = nn.LayerNorm(d, eps=1e-6)
+        if pool_norm not in ("layer", "batch"):
+            raise InputError(f"pool_norm must be 'layer' or 'batch', got {pool_norm!r}")
+        self.pool_norm = pool_norm
+        self.fc_norm = nn.LayerNorm(d, eps=1e-6) if pool_norm == "layer" else nn.BatchNorm1d(d, affine=False)
         self.head = nn.Linear(d, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
@@ -136,7 +143,7 @@ def save_classifier(clf: Classifier, out_dir: Path, meta: dict[str, Any]) -> Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     cfg = {"format": CLASSIFIER_FORMAT, "model": asdict(clf.model_cfg), "modality": clf.modality,
-           "num_classes": clf.head.out_features, **meta}
+           "num_classes": clf.head.out_features, "pool_norm": clf.pool_norm, **meta}
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -155,7 +162,8 @@ def load_classifier(path: str | Path, map_location: str = "cpu") -> tuple[Classi
         raise InputError(f"{cfg_path}: not valid JSON: {e}") from e
     if meta.get("format") != CLASSIFIER_FORMAT:
         raise InputError(f"{cfg_path}: format {meta.get('format')!r}, expected {CLASSIFIER_FORMAT!r}")
-    clf = Classifier(Data2Vec2(model_config_from_dict(meta["model"])), meta["modality"], int(meta["num_classes"]))
+    clf = Classifier(Data2Vec2(model_config_from_dict(meta["model"])), meta["modality"], int(meta["num_classes"]),
+                     pool_norm=meta.get("pool_norm", "layer"))
     try:
         state = torch.load(w_path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle opcode, ...
@@ -273,7 +281,7 @@ def finetune_task(cfg: Config, task: str, progress: bool = True, inits: tuple[st
             # The checkpoint's architecture is what we fine-tune; the random baseline must match it.
             cfg.model = backbone.cfg
         torch.manual_seed(cfg.seed + 1)  # the same head init for both
-        clf = Classifier(backbone, task, len(names), freeze_local=tc.freeze_local)
+        clf = Classifier(backbone, task, len(names), freeze_local=tc.freeze_local, pool_norm=tc.pool_norm)
         tracker = None
         if ft.track:
             from d2v.tracking.mlflow_utils import Tracker

@@ -54,6 +54,7 @@ import inspect
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,9 @@ CHECKPOINT_FORMAT = "d2v-pretrain"
 CHECKPOINT_VERSION = 2
 _CHECKPOINT_KEYS = ("model", "optimizer", "step", "config")
 _MODALITY_SALT = {"image": 1, "speech": 2, "text": 3}
+# Warn when the speech CNN's per-channel std across frames falls below this fraction of its
+# overall std (0.72 for the random tiny CNN on the embedded words, 0.04 once it has collapsed).
+LOCAL_COLLAPSE_RATIO = 0.1
 # train.* settings that change which batches a step sees; others (max_steps, lr, ...) may change on resume
 _DATA_KEYS = ("batch_size", "modalities", "grad_accum", "ckpt_every")
 
@@ -534,14 +538,18 @@ def _loop_and_save(run: _Run, start: int) -> None:
     last_good = start if start > 0 and run.ckpt_path.exists() else None  # step of the checkpoint on disk
 
     model.train()
-    # The speech encoder's local CNN output (mean, std) per micro-batch: a collapsed feature
-    # extractor can hide behind a healthy loss. Read by a hook, so the model's numerics are untouched.
+    # The speech encoder's local CNN output per micro-batch: mean, std, and the std of each channel
+    # across frames (averaged over channels). A collapsed feature extractor can hide behind a
+    # healthy loss (fairseq #5239): then every frame is nearly the same vector and the frame std
+    # falls far below the overall std. Read by a hook, so the model's numerics are untouched.
     local_stats: list[torch.Tensor] = []
     hook = None
+    warned_local = False
     if "speech" in t.modalities:
         def _record_local(_mod, _inp, output):
-            o = output.detach().float()
-            local_stats.append(torch.stack([o.mean(), o.std()]))
+            o = output.detach().float()  # (B, C, T)
+            frame_std = o.transpose(0, 1).reshape(o.shape[1], -1).std(1).mean()
+            local_stats.append(torch.stack([o.mean(), o.std(), frame_std]))
 
         hook = model.encoder("speech").local_encoder.register_forward_hook(_record_local)
     bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, disable=not run.progress,
@@ -593,7 +601,13 @@ def _loop_and_save(run: _Run, start: int) -> None:
         row = {"step": step + 1, "modality": modality, "loss": loss, "lr": lr, "ema_decay": decay,
                "target_var": tvar, "pred_var": pvar, "step_time_s": dt}
         if "speech" in t.modalities:  # the same columns on every row (the history is a TSV)
-            row["local_mean"], row["local_std"] = local if local else (float("nan"), float("nan"))
+            row["local_mean"], row["local_std"], row["local_frame_std"] = local if local else (float("nan"),) * 3
+            if local and not warned_local and local[2] < LOCAL_COLLAPSE_RATIO * local[1] and info.is_main:
+                warned_local = True
+                print(f"warning: step {step + 1}: the speech CNN output barely varies across frames (frame std "
+                      f"{local[2]:.3g} vs overall std {local[1]:.3g}): the local encoder may have collapsed "
+                      f"(fairseq #5239); model.speech.local_grad_mult=0 keeps it at its initialisation",
+                      file=sys.stderr, flush=True)
         history.append(row)
         if info.is_main:
             sps = n_samples / (time.perf_counter() - t_start)
@@ -601,7 +615,8 @@ def _loop_and_save(run: _Run, start: int) -> None:
                 logged = {f"{modality}/loss": loss, f"{modality}/target_var": tvar,
                           f"{modality}/pred_var": pvar, "lr": lr, "ema_decay": decay, "samples_per_s": sps}
                 if local:
-                    logged.update({"speech/local_mean": local[0], "speech/local_std": local[1]})
+                    logged.update({"speech/local_mean": local[0], "speech/local_std": local[1],
+                                   "speech/local_frame_std": local[2]})
                 run.tracker.log(logged, step + 1)
             if run.progress:
                 bar.set_postfix(mod=modality[:2], loss=f"{loss:.3f}", lr=f"{lr:.1e}", sps=f"{sps:.1f}")
