@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 # Tests log to a throwaway MLflow store, never to the project's mlflow.db (subprocesses inherit it).
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp(prefix='d2v-mlflow-')}/mlflow.db"
@@ -99,3 +100,28 @@ def tiny_cfg():
 @pytest.fixture(scope="session")
 def batch():
     return make_batch
+
+
+def make_project_repo(root: Path) -> Path:
+    """A fresh git + DVC repository holding this project's pipeline (dvc.yaml, params.yaml, conf/,
+    src/ and the Hydra settings in .dvc/config), committed: what `dvc repro` runs end to end."""
+    import shutil
+    import subprocess
+    import sys
+
+    from d2v.config import PROJECT_ROOT
+
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(PROJECT_ROOT / name, root / name)
+    for name in ("conf", "src"):
+        shutil.copytree(PROJECT_ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    dvc = str(Path(sys.executable).parent / "dvc")
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", DO_NOT_TRACK="true")
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "ci@example.com"],
+                ["git", "config", "user.name", "ci"], [dvc, "init", "-q"]):
+        subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
+    shutil.copy(PROJECT_ROOT / ".dvc" / "config", root / ".dvc" / "config")  # Hydra composition settings
+    for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
+    return root

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # flows/ lives beside src/, outside the installed package
     sys.path.insert(0, str(ROOT))
 
+from conftest import make_project_repo  # noqa: E402
 from flows import common  # noqa: E402
 from flows.common import (  # noqa: E402
     FlowInputError,
@@ -460,19 +461,7 @@ def test_the_project_pipeline_runs_through_the_flow(tmp_path: Path):
 
     from flows.pipeline import run_pipeline
 
-    repo = tmp_path / "project"
-    repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(ROOT / name, repo / name)
-    for name in ("conf", "src"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    sh(["git", "init", "-q"], repo)
-    sh(["git", "config", "user.email", "ci@example.com"], repo)
-    sh(["git", "config", "user.name", "ci"], repo)
-    sh([str(BIN / "dvc"), "init", "-q"], repo)
-    shutil.copy(ROOT / ".dvc/config", repo / ".dvc/config")
-    sh(["git", "add", "-A"], repo)
-    sh(["git", "commit", "-qm", "init"], repo)
+    repo = make_project_repo(tmp_path / "project")
     expected = [s.name for s in common.list_stages(repo)]
     result = run_pipeline(str(repo), retries=0)
     assert [r["stage"] for r in result["stages"]] == expected

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from d2v.config import PROJECT_ROOT
+from conftest import make_project_repo
 
 BIN = Path(sys.executable).parent
 
@@ -36,19 +35,7 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("pipeline")
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(PROJECT_ROOT / name, root / name)
-    for name in ("conf", "src"):
-        shutil.copytree(PROJECT_ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    run(["git", "init", "-q"], root)
-    run(["git", "config", "user.email", "ci@example.com"], root)
-    run(["git", "config", "user.name", "ci"], root)
-    run([str(BIN / "dvc"), "init", "-q"], root)
-    shutil.copy(PROJECT_ROOT / ".dvc" / "config", root / ".dvc" / "config")  # Hydra composition settings
-    run(["git", "add", "-A"], root)
-    run(["git", "commit", "-qm", "init"], root)
-    return root
+    return make_project_repo(tmp_path_factory.mktemp("pipeline"))
 
 
 def test_dvc_repro_runs_the_embedded_default(repo: Path):
