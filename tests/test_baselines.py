@@ -18,6 +18,19 @@ from d2v.models import Data2Vec2
 from d2v.models.baselines import MAE, BERTStyle, Data2Vec1Style, backbone_of, objective, patchify
 
 
+
+def fit(opt: torch.optim.Optimizer, loss_fn, steps: int) -> list[float]:
+    """``steps`` optimizer steps on ``loss_fn()``; the loss before each step."""
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """One torch thread: on a loaded 2-core machine, two threads can be many times slower."""
@@ -34,6 +47,7 @@ def _count_calls(module: torch.nn.Module) -> list:
 
 
 @pytest.mark.parametrize("modality", ["image", "speech", "text"])
+
 def test_data2vec1_full_length_and_one_teacher_pass_per_copy(modality):
     M, B = 3, 2
     cfg = build_cfg(modality, clone_batch=M)
@@ -85,13 +99,7 @@ def test_loss_falls_on_a_fixed_batch(name):
     src = make_batch("image", 4)
     bb = backbone_of(model)
     mask = (model.make_mask(4, 49) if name == "mae" else bb.make_mask("image", 4, 49))
-    losses = []
-    for step in range(15):
-        out = model(src, "image", mask=mask)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(out.loss.item())
+    losses = fit(opt, lambda: model(src, "image", mask=mask).loss, 15)
     assert losses[-1] < 0.95 * losses[0] and losses[-1] == min(losses[-3:]), losses
 
 
@@ -183,13 +191,8 @@ def test_bert_loss_falls_on_a_fixed_batch():
     opt = torch.optim.AdamW(model.param_groups(0.0), lr=2e-3)
     src = _text_rows(8)
     chosen = model.select(src, generator=torch.Generator().manual_seed(3))
-    losses = []
-    for _ in range(30):
-        out = model(src, mask=chosen, generator=torch.Generator().manual_seed(4))  # the same corruption
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(out.loss.item())
+    # The same corruption every step (a fixed generator seed).
+    losses = fit(opt, lambda: model(src, mask=chosen, generator=torch.Generator().manual_seed(4)).loss, 30)
     assert losses[-1] < 0.7 * losses[0] and losses[-1] == min(losses[-3:]), losses
 
 
