@@ -17,6 +17,7 @@ from d2v.errors import InputError
 from d2v.models import Data2Vec2
 from d2v.models.baselines import MAE, BERTStyle, Data2Vec1Style, backbone_of, objective, patchify
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: 1 thread on a loaded 2-core box
 
 
 def fit(opt: torch.optim.Optimizer, loss_fn, steps: int) -> list[float]:
@@ -29,15 +30,6 @@ def fit(opt: torch.optim.Optimizer, loss_fn, steps: int) -> list[float]:
         opt.zero_grad()
         losses.append(loss.item())
     return losses
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a loaded 2-core machine, two threads can be many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _count_calls(module: torch.nn.Module) -> list:

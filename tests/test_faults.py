@@ -724,8 +724,28 @@ def test_a_collapsed_speech_cnn_is_reported(tmp_path, monkeypatch, capsys):
     assert err.count("may have collapsed") == 1 and "step 1" in err and "local_grad_mult=0" in err
 
 
+def test_a_collapsing_projection_behind_a_fixed_cnn_is_reported(tmp_path, monkeypatch, capsys):
+    """With the CNN fixed (local_grad_mult 0) the projection after it still trains, and it is what
+    the teacher is fed: the monitor reads the projection's output, so its collapse is seen too."""
+    from d2v.models import Data2Vec2
+
+    init = Data2Vec2.__init__
+
+    def shrunk_projection(self, *args, **kw):  # every frame maps to (almost) the bias vector
+        init(self, *args, **kw)
+        with torch.no_grad():
+            proj = self.modality_encoders["speech"].project_features[2]
+            proj.weight.mul_(1e-3)
+            proj.bias.normal_()
+    monkeypatch.setattr(Data2Vec2, "__init__", shrunk_projection)
+    res = pretrain(run_cfg(tmp_path / "a", "train.modalities=[speech]", "train.max_steps=2",
+                           "model.speech.local_grad_mult=0.0"), progress=False)
+    assert all(r["local_frame_std"] < 0.1 * r["local_std"] for r in res.history)
+    assert capsys.readouterr().err.count("may have collapsed") == 1
+
+
 def test_the_local_statistics_hook_does_not_change_the_numerics(tmp_path, monkeypatch):
-    """The hook only reads the CNN output: a run without it (hooks disabled) ends bit-identical."""
+    """The hook only reads the local features: a run without it (hooks disabled) ends bit-identical."""
     from types import SimpleNamespace
 
     cfg = run_cfg(tmp_path / "a", "train.modalities=[speech]", "train.max_steps=2")

@@ -77,9 +77,11 @@ CHECKPOINT_FORMAT = "d2v-pretrain"
 CHECKPOINT_VERSION = 2
 _CHECKPOINT_KEYS = ("model", "optimizer", "step", "config")
 _MODALITY_SALT = {"image": 1, "speech": 2, "text": 3}
-# Warn when the speech CNN's per-channel std across frames falls below this fraction of its
-# overall std (0.72 for the random tiny CNN on the embedded words, 0.04 once it has collapsed).
-LOCAL_COLLAPSE_RATIO = 0.1
+# Warn when the speech local features (CNN + projection, what the teacher is fed) vary across
+# frames by less than this fraction of their overall std: 0.74 for the random tiny model on the
+# embedded words; 0.04 with a collapsed CNN; 0.53 / 0.28 / 0.14 after 200 / 1,000 / 4,000
+# speech steps with the CNN fixed (the projection after it shrinks slowly).
+LOCAL_COLLAPSE_RATIO = 0.25
 # train.* settings that change which batches a step sees; others (max_steps, lr, ...) may change on resume
 _DATA_KEYS = ("batch_size", "modalities", "grad_accum", "ckpt_every")
 
@@ -538,20 +540,22 @@ def _loop_and_save(run: _Run, start: int) -> None:
     last_good = start if start > 0 and run.ckpt_path.exists() else None  # step of the checkpoint on disk
 
     model.train()
-    # The speech encoder's local CNN output per micro-batch: mean, std, and the std of each channel
-    # across frames (averaged over channels). A collapsed feature extractor can hide behind a
-    # healthy loss (fairseq #5239): then every frame is nearly the same vector and the frame std
-    # falls far below the overall std. Read by a hook, so the model's numerics are untouched.
+    # The speech encoder's local features per micro-batch (CNN, then LayerNorm + Linear projection:
+    # what the student's context encoder and the teacher are fed): mean, std, and the std of each
+    # channel across frames (averaged over channels). A collapsing front-end can hide behind a
+    # healthy loss (fairseq #5239): every frame tends to one vector, so the frame std falls far
+    # below the overall std. With the CNN fixed (local_grad_mult 0) the projection still trains
+    # and shrinks slowly. Read by a hook, so the model's numerics are untouched.
     local_stats: list[torch.Tensor] = []
     hook = None
     warned_local = False
     if "speech" in t.modalities:
         def _record_local(_mod, _inp, output):
-            o = output.detach().float()  # (B, C, T)
-            frame_std = o.transpose(0, 1).reshape(o.shape[1], -1).std(1).mean()
+            o = output.detach().float()  # (B, T, D)
+            frame_std = o.reshape(-1, o.shape[-1]).std(0).mean()
             local_stats.append(torch.stack([o.mean(), o.std(), frame_std]))
 
-        hook = model.encoder("speech").local_encoder.register_forward_hook(_record_local)
+        hook = model.encoder("speech").project_features.register_forward_hook(_record_local)
     bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, disable=not run.progress,
                desc="pretrain", unit="step", dynamic_ncols=True)
     for step in bar:
@@ -604,9 +608,10 @@ def _loop_and_save(run: _Run, start: int) -> None:
             row["local_mean"], row["local_std"], row["local_frame_std"] = local if local else (float("nan"),) * 3
             if local and not warned_local and local[2] < LOCAL_COLLAPSE_RATIO * local[1] and info.is_main:
                 warned_local = True
-                print(f"warning: step {step + 1}: the speech CNN output barely varies across frames (frame std "
-                      f"{local[2]:.3g} vs overall std {local[1]:.3g}): the local encoder may have collapsed "
-                      f"(fairseq #5239); model.speech.local_grad_mult=0 keeps it at its initialisation",
+                print(f"warning: step {step + 1}: the speech local features (CNN + projection) barely vary "
+                      f"across frames (frame std {local[2]:.3g} vs overall std {local[1]:.3g}): the local "
+                      f"encoder may have collapsed (fairseq #5239); model.speech.local_grad_mult=0 keeps "
+                      f"the CNN at its initialisation",
                       file=sys.stderr, flush=True)
         history.append(row)
         if info.is_main:
