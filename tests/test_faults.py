@@ -514,12 +514,15 @@ def test_store_errors_are_retried_with_backoff_without_duplicates(monkeypatch):
     store = _Store(fail_calls=("always",))
     tr = _offline_tracker(store)
     tr.log({"late": 1.0}, 1)
-    with pytest.raises(RuntimeError, match=r"MLflow store .* stayed locked for \d+ s \(\d+ attempts\) while writing 1 metrics"):
+    with pytest.raises(RuntimeError, match=r"MLflow store .* stayed locked for \d+ s \(\d+ attempts\) while writing 1 "
+                                           r"metrics.*the 1 unsent metrics are saved in .*\.jsonl"):
         tr.flush()
     assert len(tr._pending) == 1 and len(store.calls) > 2
+    assert tr._spool_path().is_file()  # a durable copy while the stage fails
     store.fail_calls = set()
     tr.finish()
     assert store.metrics == [("late", 1, 1.0)]
+    assert not tr._spool_path().exists()  # sent from memory: the copy is gone, so never sent twice
     # other errors are not retried
     tr = _offline_tracker(_Store(fail_calls=("always",), error="INVALID_PARAMETER_VALUE: bad key"))
     tr.log({"x": 1.0}, 1)
@@ -527,6 +530,46 @@ def test_store_errors_are_retried_with_backoff_without_duplicates(monkeypatch):
         tr.flush()
     assert tr.client.calls == [1]
     assert mlflow_utils.is_transient(MlflowException("(sqlite3.OperationalError) database is locked"))
+
+
+def test_metrics_of_a_stage_that_failed_on_a_locked_store_are_sent_by_the_next_one(monkeypatch):
+    """The stage dies with its metrics unsent; they are in the spool file, and the next tracked
+    stage sends them to the right run once the writing process is gone (not while it runs)."""
+    from d2v.tracking import mlflow_utils
+
+    monkeypatch.setenv("D2V_MLFLOW_RETRY_S", "0.2")
+    monkeypatch.setattr(mlflow_utils, "_BACKOFF_MAX_S", 0.05)
+    tr = _offline_tracker(_Store(fail_calls=("always",)))
+    tr.run_id = "run-that-died"
+    tr._pending += [tr._metric("loss", 1.0 / s, 0, s) for s in range(1, 1501)]  # buffered: more than one batch
+    with pytest.raises(RuntimeError, match="the 1500 unsent metrics are saved in"):
+        tr.flush()
+    spool = tr._spool_path()
+    assert len(spool.read_text().splitlines()) == 1500
+    later = _Store()
+    assert mlflow_utils.replay_spool(later, alive=lambda pid: True) == 0 and spool.is_file()  # writer still running
+    assert mlflow_utils.replay_spool(later, alive=lambda pid: False) == 1500
+    assert sorted(later.metrics) == sorted(("loss", s, 1.0 / s) for s in range(1, 1501)) and later.calls == [1000, 500]
+    assert not spool.exists()
+    assert mlflow_utils.replay_spool(later, alive=lambda pid: False) == 0  # sent once only
+
+
+def test_a_new_tracker_replays_the_spool_into_the_real_store(monkeypatch):
+    """End to end on the SQLite store: a spool left by a dead process lands in its run on the next Tracker."""
+    from d2v.tracking import mlflow_utils
+    from d2v.tracking.mlflow_utils import Tracker
+
+    first = Tracker("faults-spooled", {"a": 1}, system_metrics=False)
+    first.log({"loss": 0.5}, 7)
+    first._spool()  # as a failed flush leaves it
+    first._pending.clear()
+    dead = first._spool_path().with_name(f"{first.run_id}.999999999.jsonl")  # no such pid
+    first._spool_path().rename(dead)
+    first.finish()
+    monkeypatch.setattr(mlflow_utils, "_pid_alive", lambda pid: pid != 999999999)
+    second = Tracker("faults-next-stage", {"a": 2}, system_metrics=False)
+    assert _history(first, "loss") == [(7, 0.5)] and not dead.exists()
+    second.finish()
 
 
 @pytest.mark.slow

@@ -8,10 +8,14 @@ A SQLite store held by another writer (an ``mlflow ui``, a second stage, a backu
 wait up to MLflow's busy timeout (20 s), then fail with "database is locked". ``Tracker`` retries
 such writes with exponential backoff for up to ``D2V_MLFLOW_RETRY_S`` seconds (default 600), so a
 locked store delays a run instead of crashing it, and no metric is dropped or written twice.
+A store locked for longer fails the stage with a clear error, and the metrics still unsent are
+first written to ``mlflow_spool/<run id>.<pid>.jsonl`` beside the store: the next ``Tracker``
+(any later tracked stage) sends them to their run once their process has ended, then deletes the file.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -74,6 +78,52 @@ def artifact_root() -> str:
     return (base / "mlartifacts").resolve().as_uri()
 
 
+def spool_dir() -> Path:
+    """``mlflow_spool/`` beside the SQLite store (the project folder for other stores)."""
+    uri = tracking_uri()
+    base = Path(uri[len("sqlite:///"):]).parent if uri.startswith("sqlite:///") else PROJECT_ROOT
+    return base / "mlflow_spool"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def replay_spool(client: Any, alive: Optional[Callable[[int], bool]] = None) -> int:
+    """Send the metrics that stages which failed on a locked store left in ``spool_dir()`` to their
+    runs, and delete each file once sent. Files of a process still running are left to it.
+    Returns the number of metrics sent."""
+    import mlflow
+
+    alive = alive or _pid_alive
+    folder = spool_dir()
+    sent = 0
+    for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
+        run_id, _, pid = path.stem.rpartition(".")
+        if not run_id or not pid.isdigit() or alive(int(pid)):
+            continue
+        try:
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except (OSError, json.JSONDecodeError) as e:
+            log.warning("%s: unreadable MLflow spool file (%s); left in place", path, e)
+            continue
+        metrics = [mlflow.entities.Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r["step"])) for r in rows]
+        for i in range(0, len(metrics), 1000):
+            batch = metrics[i : i + 1000]
+            with_retry(f"{len(batch)} spooled metrics of run {run_id}", lambda: client.log_batch(run_id, metrics=batch))
+        path.unlink()
+        sent += len(metrics)
+        log.warning("sent %d metrics of MLflow run %s that a stage left in %s when the store was locked",
+                    len(metrics), run_id, path)
+    return sent
+
+
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -103,6 +153,7 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=tracking_uri())
+        replay_spool(self.client)  # metrics an earlier stage could not write (store locked too long)
         exp = with_retry("the experiment", lambda: self.client.get_experiment_by_name(experiment))
         exp_id = exp.experiment_id if exp else with_retry(
             "the experiment", lambda: self.client.create_experiment(experiment, artifact_location=artifact_root()))
@@ -139,11 +190,31 @@ class Tracker:
 
     def flush(self) -> None:
         """Write the buffered metrics, 1000 per batch; a batch leaves the buffer once written, so a
-        retried or failed flush neither drops nor duplicates metrics."""
+        retried or failed flush neither drops nor duplicates metrics. If the store stays locked past
+        the retry budget, the unsent metrics are spooled to a file (see ``replay_spool``) first."""
         while self._pending:
             batch = self._pending[:1000]
-            with_retry(f"{len(batch)} metrics", lambda: self.client.log_batch(self.run_id, metrics=batch))
+            try:
+                with_retry(f"{len(batch)} metrics", lambda: self.client.log_batch(self.run_id, metrics=batch))
+            except RuntimeError as e:  # stayed locked: keep a durable copy before the stage fails
+                path = self._spool()
+                raise RuntimeError(f"{e}; the {len(self._pending)} unsent metrics are saved in {path} and the "
+                                   f"next tracked stage sends them") from e
             del self._pending[: len(batch)]
+        self._spool_path().unlink(missing_ok=True)  # all sent: an earlier spool copy is stale
+
+    def _spool_path(self) -> Path:
+        return spool_dir() / f"{self.run_id}.{os.getpid()}.jsonl"
+
+    def _spool(self) -> Path:
+        """All unsent metrics to the spool file (replaced atomically: the buffer is the full set)."""
+        path = self._spool_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}) + "\n"
+                               for m in self._pending))
+        os.replace(tmp, path)
+        return path
 
     def artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
         with_retry(f"artifact {path}", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
