@@ -552,6 +552,13 @@ def test_metrics_of_a_stage_that_failed_on_a_locked_store_are_sent_by_the_next_o
     assert sorted(later.metrics) == sorted(("loss", s, 1.0 / s) for s in range(1, 1501)) and later.calls == [1000, 500]
     assert not spool.exists()
     assert mlflow_utils.replay_spool(later, alive=lambda pid: False) == 0  # sent once only
+    # a spool whose run the store refuses (deleted, another store) is left alone, and does not stop the stage
+    tr._pending.append(tr._metric("loss", 9.0, 0, 9))
+    with pytest.raises(RuntimeError, match="unsent metrics are saved in"):
+        tr.flush()
+    refusing = _Store(fail_calls=("always",), error="RESOURCE_DOES_NOT_EXIST: run 'run-that-died' not found")
+    assert mlflow_utils.replay_spool(refusing, alive=lambda pid: False) == 0 and tr._spool_path().is_file()
+    tr._spool_path().unlink()
 
 
 def test_a_new_tracker_replays_the_spool_into_the_real_store(monkeypatch):

@@ -114,9 +114,14 @@ def replay_spool(client: Any, alive: Optional[Callable[[int], bool]] = None) -> 
             log.warning("%s: unreadable MLflow spool file (%s); left in place", path, e)
             continue
         metrics = [mlflow.entities.Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r["step"])) for r in rows]
-        for i in range(0, len(metrics), 1000):
-            batch = metrics[i : i + 1000]
-            with_retry(f"{len(batch)} spooled metrics of run {run_id}", lambda: client.log_batch(run_id, metrics=batch))
+        try:
+            for i in range(0, len(metrics), 1000):
+                batch = metrics[i : i + 1000]
+                with_retry(f"{len(batch)} spooled metrics of run {run_id}", lambda: client.log_batch(run_id, metrics=batch))
+        except Exception as e:  # noqa: BLE001 - a run deleted or from another store: never stop this stage
+            log.warning("%s: could not send its metrics to run %s (%s); left in place", path, run_id,
+                        str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+            continue
         path.unlink()
         sent += len(metrics)
         log.warning("sent %d metrics of MLflow run %s that a stage left in %s when the store was locked",
