@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from step_time import cpu_name  # noqa: E402
+from step_time import cpu_name, write_report  # noqa: E402
 
 from d2v.config import load_config  # noqa: E402
 from d2v.data.loaders import make_train_loader  # noqa: E402
@@ -67,9 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'modality':<8} {'loader samples/s (1 worker)':>28} {'train step samples/s':>21} {'loader/step':>12}")
     for r in rows:
         print(f"{r['modality']:<8} {r['loader_samples_per_s']:>28.0f} {r['step_samples_per_s']:>21.0f} {r['loader_over_step']:>12.1f}x")
-    ns.out.parent.mkdir(parents=True, exist_ok=True)
-    ns.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {ns.out}")
+    write_report(report, ns.out)
     return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import resource
 import statistics
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import cpu_name  # noqa: E402
+from step_time import cpu_name, write_report  # noqa: E402
 
 from d2v.config import load_config  # noqa: E402
 from d2v.data.sample import SampleData  # noqa: E402
@@ -150,9 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['modality']:<8} {LABEL[r['objective']]:<10} {r['clones']:>3} {r['median_step_s']:>9.3f} "
               f"{r['samples_per_s']:>10.1f} {r['copies_per_s']:>9.1f} {r['peak_rss_mb']:>11.0f} {r['peak_rss_mb'] - r['rss_before_mb']:>+7.0f} {s1:>14} {s3:>6} {s2:>12}")
     print("samples/s is in " + ", ".join(f"{m}: {UNIT.get(m, 'samples/s')}" for m in mods))
-    ns.out.parent.mkdir(parents=True, exist_ok=True)
-    ns.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {ns.out}")
+    write_report(report, ns.out)
     return 0
 
 

@@ -38,6 +38,13 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def write_report(report: dict, out: Path) -> None:
+    """The benchmark's JSON report (machine, date, command, results) to ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="Hydra overrides (default: experiment=tiny)")
@@ -105,9 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['modality']:<8} {r['batch']:>5} {r['clones']:>3} {r['tokens_per_sample']:>6} {r['visible_per_clone']:>7} "
               f"{r['median_step_s']:>9.3f} {r['samples_per_s']:>10.1f}")
     print(f"peak RSS {rss_mb:.0f} MB")
-    ns.out.parent.mkdir(parents=True, exist_ok=True)
-    ns.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {ns.out}")
+    write_report(report, ns.out)
     return 0
 
 

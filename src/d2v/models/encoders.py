@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -80,6 +80,14 @@ class _GradMultiply(torch.autograd.Function):
 
 def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _block_num_masked(m: Any, length: int) -> int:
+    """The masked count per row that the block masks (image, speech) equalise to: ``int(length * p)``
+    marked, where an inverse mask marks the kept tokens (p = 1 - mask_prob)."""
+    p = 1 - m.mask_prob if m.inverse_mask else m.mask_prob
+    marked = int(length * p)
+    return length - marked if m.inverse_mask else marked
 
 
 class ModalityEncoder(nn.Module):
@@ -238,10 +246,7 @@ class ImageEncoder(ModalityEncoder):
         return masking.block_mask_2d(rows, length, m.mask_prob, m.mask_length, m.mask_prob_adjust, m.inverse_mask, generator, device)
 
     def num_masked(self, length: int) -> int:
-        m = self.mcfg
-        p = 1 - m.mask_prob if m.inverse_mask else m.mask_prob
-        marked = int(length * p)
-        return length - marked if m.inverse_mask else marked
+        return _block_num_masked(self.mcfg, length)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -380,10 +385,7 @@ class SpeechEncoder(ModalityEncoder):
         return masking.block_mask_1d(rows, length, m.mask_prob, m.mask_length, m.mask_prob_adjust, m.inverse_mask, generator, device)
 
     def num_masked(self, length: int) -> int:
-        m = self.mcfg
-        p = 1 - m.mask_prob if m.inverse_mask else m.mask_prob
-        marked = int(length * p)
-        return length - marked if m.inverse_mask else marked
+        return _block_num_masked(self.mcfg, length)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
