@@ -139,7 +139,7 @@ class TaskConfig:
     The same budget (``steps`` x ``batch_size``) fine-tunes the pretrained model and a randomly
     initialised one, so the report shows what pretraining bought."""
 
-    head: str = "classify"  # mean-pooled features -> norm -> Linear (spec §6 image recipe)
+    head: str = "classify"  # mean-pooled features -> norm -> Linear (spec §6 image recipe); speech: "ctc" (letters)
     # The norm between the pooled features and the head: "layer" (LayerNorm, MAE/data2vec
     # fine-tuning) or "batch" (BatchNorm without affine: per-feature standardisation, MAE's
     # linear-probe recipe; it helps when a few directions of the pooled features dominate).
@@ -249,7 +249,8 @@ class Config:
         for task in MODALITIES:
             tc: TaskConfig = getattr(self.finetune, task)
             k = f"finetune.{task}"
-            need(tc.head == "classify", f"{k}.head", f"only 'classify' is implemented, got {tc.head!r}")
+            need(tc.head in ("classify", "ctc"), f"{k}.head", f"must be 'classify' or 'ctc', got {tc.head!r}")
+            need(tc.head != "ctc" or task == "speech", f"{k}.head", "'ctc' (letter targets) is for the speech task only")
             need(tc.pool_norm in ("layer", "batch"), f"{k}.pool_norm", f"must be 'layer' or 'batch', got {tc.pool_norm!r}")
             need(tc.steps >= 1, f"{k}.steps", f"must be >= 1, got {tc.steps}")
             need(tc.batch_size >= 1, f"{k}.batch_size", f"must be >= 1, got {tc.batch_size}")

@@ -4,6 +4,7 @@ and, with the same budget, on a random one (DVC stage ``finetune@<task>``).
 Examples:
   d2v finetune --task image --params params.yaml        # what `dvc repro` runs
   d2v finetune --task text data=default finetune.text.steps=100
+  d2v finetune --task speech --config-name pipeline finetune.speech.head=ctc   # letter CTC (WER/CER)
 Writes models/finetune/<task>/{pretrained,random}/ (config.json + weights.pt),
 reports/metrics/finetune_<task>.json and reports/plots/finetune_<task>.tsv.
 """

@@ -39,6 +39,8 @@ class LabelledSplit:
     label: torch.Tensor  # (N,) long
     keys: list[str]
     lengths: Optional[torch.Tensor] = None  # speech: true samples per clip; text: tokens per row
+    texts: Optional[list[str]] = None  # speech: the transcript (metadata ``label``), the CTC target
+    cropped: int = 0  # speech: clips longer than ``audio_seconds``, centre-cropped (CTC refuses them)
 
     def __len__(self) -> int:
         return int(self.label.numel())
@@ -65,6 +67,8 @@ def load_split(root: str | Path, modality: str, split: str, max_n: int = 0, *, i
     labels: list[int] = []
     keys: list[str] = []
     lengths: list[int] = []
+    texts: list[str] = []
+    cropped = 0
     target = int(round(audio_seconds * sample_rate))
     for chunk in eval_loader(urls, 256, _identity):
         for s in chunk:
@@ -86,10 +90,12 @@ def load_split(root: str | Path, modality: str, split: str, max_n: int = 0, *, i
                 if n > target:  # centre crop: the word sits in the middle of its clip
                     start = (n - target) // 2
                     w, n = w[start : start + target], target
+                    cropped += 1
                 elif n < target:
                     w = F.pad(w, (0, target - n))
                 xs.append(w)
                 lengths.append(n)
+                texts.append(_transcript(s, key))
             else:
                 ids = np.concatenate([[BOS], np.asarray(s["ids.npy"], dtype=np.int64)])[:text_length]
                 row = torch.full((text_length,), PAD, dtype=torch.long)
@@ -106,5 +112,14 @@ def load_split(root: str | Path, modality: str, split: str, max_n: int = 0, *, i
         raise InputError(f"{shard_dir(root, modality)}: split {split!r} has no labelled samples")
     return LabelledSplit(
         modality, split, torch.stack(xs), torch.tensor(labels, dtype=torch.long), keys,
-        torch.tensor(lengths, dtype=torch.long) if lengths else None,
+        torch.tensor(lengths, dtype=torch.long) if lengths else None, texts or None, cropped,
     )
+
+
+def _transcript(sample: dict, key: str) -> str:
+    """The clip's transcript: the ``label`` of its JSON metadata (the word, or the LibriSpeech sentence)."""
+    try:
+        meta = sample["json"]
+        return str((meta if isinstance(meta, dict) else json.loads(meta))["label"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise InputError(f"{key}: shard sample has no readable JSON 'label' for its transcript ({e})") from e

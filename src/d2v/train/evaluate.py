@@ -95,9 +95,20 @@ def evaluate_task(cfg: Config, task: str, metrics_path: Optional[Path] = None,
     report: dict[str, Any] = {"task": task, "split": tc.eval_split, "eval_samples": len(test),
                               "probe_train_samples": len(probe_train)}
     clf.to(device)
-    pred = predict(clf, test, 256, device)
-    report["accuracy"] = float((pred == test.label).float().mean())
-    report["baseline_accuracy"] = accuracy(base.to(device), test, 256, device)
+    pred = None
+    if clf.head_kind == "ctc":  # speech recognition: accuracy = word accuracy (1 - WER)
+        from d2v.train.ctc import transcribe_split
+
+        for prefix, model in (("", clf), ("baseline_", base)):
+            scores = transcribe_split(model, test, 256, device)
+            report[f"{prefix}accuracy"] = 1.0 - scores["wer"]
+            report[f"{prefix}wer"], report[f"{prefix}cer"] = scores["wer"], scores["cer"]
+            print(f"{task} CTC ({prefix or 'pretrained_'}model): WER {scores['wer']:.4f}, CER {scores['cer']:.4f}; e.g. "
+                  + "; ".join(f"{r!r} -> {h!r}" for h, r in zip(scores["hyps"][:3], scores["refs"][:3])), flush=True)
+    else:
+        pred = predict(clf, test, 256, device)
+        report["accuracy"] = float((pred == test.label).float().mean())
+        report["baseline_accuracy"] = accuracy(base.to(device), test, 256, device)
 
     y_tr, y_te = probe_train.label.numpy(), test.label.numpy()
     for key, init in (("probe_accuracy", ft.init), ("probe_baseline_accuracy", "random")):
@@ -111,7 +122,7 @@ def evaluate_task(cfg: Config, task: str, metrics_path: Optional[Path] = None,
         fr = json.loads(finetune_report.read_text())
         report["finetune_run_id"] = fr.get("mlflow_run_id", "")
         report["baseline_run_id"] = fr.get("baseline_mlflow_run_id", "")
-    if plot_path is not None and names:
+    if plot_path is not None and names and pred is not None:
         plot_confusion(confusion(pred, test.label, len(names)), names,
                        f"{task}: fine-tuned from pretraining, {tc.eval_split} accuracy {report['accuracy']:.3f}", plot_path)
     if ft.track:

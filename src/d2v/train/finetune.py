@@ -46,6 +46,8 @@ INITS = ("pretrained", "random")
 class Classifier(nn.Module):
     """``model(source, padding_mask=None) -> logits``; ``features(...)`` gives the pooled vector."""
 
+    head_kind = "classify"  # "ctc": d2v.train.ctc.CTCRecognizer
+
     def __init__(self, backbone: Data2Vec2, modality: str, num_classes: int, freeze_local: bool = False,
                  pool_norm: str = "layer"):
         super().__init__()
@@ -143,7 +145,7 @@ def save_classifier(clf: Classifier, out_dir: Path, meta: dict[str, Any]) -> Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     cfg = {"format": CLASSIFIER_FORMAT, "model": asdict(clf.model_cfg), "modality": clf.modality,
-           "num_classes": clf.head.out_features, "pool_norm": clf.pool_norm, **meta}
+           "num_classes": clf.head.out_features, "pool_norm": clf.pool_norm, "head": clf.head_kind, **meta}
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -162,8 +164,13 @@ def load_classifier(path: str | Path, map_location: str = "cpu") -> tuple[Classi
         raise InputError(f"{cfg_path}: not valid JSON: {e}") from e
     if meta.get("format") != CLASSIFIER_FORMAT:
         raise InputError(f"{cfg_path}: format {meta.get('format')!r}, expected {CLASSIFIER_FORMAT!r}")
-    clf = Classifier(Data2Vec2(model_config_from_dict(meta["model"])), meta["modality"], int(meta["num_classes"]),
-                     pool_norm=meta.get("pool_norm", "layer"))
+    backbone = Data2Vec2(model_config_from_dict(meta["model"]))
+    if meta.get("head", "classify") == "ctc":
+        from d2v.train.ctc import CTCRecognizer
+
+        clf: Classifier = CTCRecognizer(backbone)
+    else:
+        clf = Classifier(backbone, meta["modality"], int(meta["num_classes"]), pool_norm=meta.get("pool_norm", "layer"))
     try:
         state = torch.load(w_path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle opcode, ...
@@ -189,6 +196,11 @@ def predict(clf: Classifier, data: LabelledSplit, batch_size: int, device: torch
 
 
 def accuracy(clf: Classifier, data: LabelledSplit, batch_size: int, device: torch.device) -> float:
+    """Classification accuracy; for a CTC model, word accuracy (1 - WER)."""
+    if clf.head_kind == "ctc":
+        from d2v.train.ctc import transcribe_split
+
+        return 1.0 - transcribe_split(clf, data, batch_size, device)["wer"]
     return float((predict(clf, data, batch_size, device) == data.label).float().mean())
 
 
@@ -209,6 +221,10 @@ def train_classifier(clf: Classifier, train: LabelledSplit, tc: TaskConfig, seed
     groups = clf.layer_param_groups(tc.lr, tc.weight_decay, tc.layer_decay)
     opt = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas))
     gen = torch.Generator().manual_seed(seed)
+    if clf.head_kind == "ctc":
+        from d2v.train.ctc import check_split
+
+        check_split(train)
     losses: list[float] = []
     bar = tqdm(range(tc.steps), desc=desc, disable=not progress, unit="step", dynamic_ncols=True)
     for step in bar:
@@ -218,8 +234,13 @@ def train_classifier(clf: Classifier, train: LabelledSplit, tc: TaskConfig, seed
         idx = torch.randint(len(train), (tc.batch_size,), generator=gen)
         src = train.source[idx].to(device)
         lengths = train.lengths[idx] if train.lengths is not None else None
-        logits = clf(src, lengths)
-        loss = F.cross_entropy(logits, train.label[idx].to(device), label_smoothing=tc.label_smoothing)
+        if clf.head_kind == "ctc":
+            from d2v.train.ctc import ctc_loss
+
+            loss = ctc_loss(clf(src, lengths), clf.frames(src, lengths), [train.texts[i] for i in idx.tolist()],
+                            [train.keys[i] for i in idx.tolist()])
+        else:
+            loss = F.cross_entropy(clf(src, lengths), train.label[idx].to(device), label_smoothing=tc.label_smoothing)
         if not bool(torch.isfinite(loss)):
             raise FloatingPointError(f"{desc}: step {step + 1}: loss is {float(loss)} (not finite)")
         opt.zero_grad(set_to_none=True)
@@ -233,6 +254,15 @@ def train_classifier(clf: Classifier, train: LabelledSplit, tc: TaskConfig, seed
         if progress:
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.1e}")
     return losses
+
+
+def make_model(backbone: Data2Vec2, task: str, tc: TaskConfig, num_classes: int) -> Classifier:
+    """The fine-tuning model of ``task``: a ``Classifier``, or for ``head: ctc`` a CTC recogniser."""
+    if tc.head == "ctc":
+        from d2v.train.ctc import CTCRecognizer
+
+        return CTCRecognizer(backbone, freeze_local=tc.freeze_local)
+    return Classifier(backbone, task, num_classes, freeze_local=tc.freeze_local, pool_norm=tc.pool_norm)
 
 
 def load_task_data(cfg: Config, task: str, split: str, max_n: int) -> LabelledSplit:
@@ -281,7 +311,7 @@ def finetune_task(cfg: Config, task: str, progress: bool = True, inits: tuple[st
             # The checkpoint's architecture is what we fine-tune; the random baseline must match it.
             cfg.model = backbone.cfg
         torch.manual_seed(cfg.seed + 1)  # the same head init for both
-        clf = Classifier(backbone, task, len(names), freeze_local=tc.freeze_local, pool_norm=tc.pool_norm)
+        clf = make_model(backbone, task, tc, len(names))
         tracker = None
         if ft.track:
             from d2v.tracking.mlflow_utils import Tracker
