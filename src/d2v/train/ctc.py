@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from d2v.errors import InputError
 from d2v.models import Data2Vec2
-from d2v.models.blocks import run_blocks
 from d2v.train.downstream_data import LabelledSplit
 from d2v.train.finetune import Classifier
 
@@ -89,12 +88,7 @@ class CTCRecognizer(Classifier):
         self.fc_norm = nn.Identity()
 
     def forward(self, source: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
-        enc = self.encoder
-        enc.check_input(source)
-        pad = Data2Vec2._padding(enc, source, self.token_padding(source, lengths))
-        ctx = enc.contextualize(enc.local_features(source), padding_mask=pad)
-        x, _ = run_blocks(self.blocks, ctx.x, ctx.bias, self.layerdrop)
-        return self.head(x[:, enc.num_extra_tokens:]).log_softmax(-1)
+        return self.head(self.token_features(source, lengths)[0]).log_softmax(-1)
 
     def frames(self, source: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
         """Valid frames per clip, (B,)."""

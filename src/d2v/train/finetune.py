@@ -81,14 +81,18 @@ class Classifier(nn.Module):
             frames, t = lengths.cpu(), source.shape[1]
         return torch.arange(t).unsqueeze(0) >= frames.unsqueeze(1)
 
-    def features(self, source: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def token_features(self, source: torch.Tensor, lengths: Optional[torch.Tensor] = None
+                       ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Last-block output per token (extra tokens dropped), (B, T, D), and the padding mask."""
         enc = self.encoder
         enc.check_input(source)
-        pad = self.token_padding(source, lengths)
-        pad = Data2Vec2._padding(enc, source, pad)
+        pad = Data2Vec2._padding(enc, source, self.token_padding(source, lengths))
         ctx = enc.contextualize(enc.local_features(source), padding_mask=pad)
         x, _ = run_blocks(self.blocks, ctx.x, ctx.bias, self.layerdrop)
-        x = x[:, enc.num_extra_tokens:]
+        return x[:, enc.num_extra_tokens:], pad
+
+    def features(self, source: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x, pad = self.token_features(source, lengths)
         if pad is None:
             return x.mean(1)
         keep = (~pad).unsqueeze(-1).to(x.dtype)
@@ -222,7 +226,7 @@ def train_classifier(clf: Classifier, train: LabelledSplit, tc: TaskConfig, seed
     opt = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas))
     gen = torch.Generator().manual_seed(seed)
     if clf.head_kind == "ctc":
-        from d2v.train.ctc import check_split
+        from d2v.train.ctc import check_split, ctc_loss
 
         check_split(train)
     losses: list[float] = []
@@ -235,8 +239,6 @@ def train_classifier(clf: Classifier, train: LabelledSplit, tc: TaskConfig, seed
         src = train.source[idx].to(device)
         lengths = train.lengths[idx] if train.lengths is not None else None
         if clf.head_kind == "ctc":
-            from d2v.train.ctc import ctc_loss
-
             loss = ctc_loss(clf(src, lengths), clf.frames(src, lengths), [train.texts[i] for i in idx.tolist()],
                             [train.keys[i] for i in idx.tolist()])
         else:
