@@ -112,6 +112,9 @@ def test_word_accuracy_and_transcribe_split():
     cropped = LabelledSplit("speech", "train", data.source, data.label, data.keys, data.lengths, data.texts, cropped=1)
     with pytest.raises(InputError, match="1 clip\\(s\\) are longer than finetune.speech.audio_seconds"):
         transcribe_split(model, cropped, 8, torch.device("cpu"))
+    silent = LabelledSplit("speech", "test", data.source, data.label, ["a", "clip-b"], data.lengths, ["up", "..."])
+    with pytest.raises(InputError, match="clip-b: transcript '...' has no letters"):
+        transcribe_split(model, silent, 8, torch.device("cpu"))
     with pytest.raises(InputError, match="has no transcripts"):
         transcribe_split(model, LabelledSplit("speech", "test", data.source, data.label, data.keys, data.lengths), 8,
                          torch.device("cpu"))

@@ -59,9 +59,9 @@ def error_rates(hyps: list[str], refs: list[str]) -> tuple[float, float]:
     return w_err / max(1, w_n), c_err / max(1, c_n)
 
 
-def reference(text: str) -> str:
+def reference(text: str, key: str = "?") -> str:
     """A transcript as the decoder can write it (upper case, letters, apostrophes, single spaces)."""
-    return decode_letters(encode_letters(text)) if text.strip() else ""
+    return decode_letters(encode_letters(text, key))
 
 
 def ctc_loss(log_probs: torch.Tensor, frames: torch.Tensor, texts: list[str], keys: list[str]) -> torch.Tensor:
@@ -122,6 +122,6 @@ def transcribe_split(model: CTCRecognizer, data: LabelledSplit, batch_size: int,
     for i in range(0, len(data), batch_size):
         lengths = data.lengths[i : i + batch_size] if data.lengths is not None else None
         hyps += model.transcribe(data.source[i : i + batch_size].to(device), lengths)
-    refs = [reference(t) for t in data.texts]
+    refs = [reference(t, k) for t, k in zip(data.texts, data.keys)]
     wer, cer = error_rates(hyps, refs)
     return {"wer": wer, "cer": cer, "hyps": hyps, "refs": refs}
