@@ -20,60 +20,22 @@ import logging
 import re
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
-from prefect.exceptions import MissingContextError
 
-from flows.common import (
-    FlowInputError,
-    LogFn,
-    ServerUnreachableError,
-    StageFailedError,
-    StageInfo,
-    StageTimeoutError,
-    UnknownStageError,
-    api_url_from_env,
-    apply_params,
-    check_repo,
-    check_server,
-    child_env,
-    collect_run_ids,
-    dvc_exe,
-    experiment_overrides,
-    list_stages,
-    require_git,
-    resolve_stages,
-    run_streaming,
-)
+from flows.errors import CLI_ERRORS, FlowInputError, UnknownStageError, report_error
+from flows.overrides import apply_params, experiment_overrides
+from flows.results import collect_run_ids, publish
+from flows.server import prefect_api
+from flows.stages import StageInfo, check_repo, list_stages, require_git, select_stages
+from flows.streaming import child_env, dvc_exe, prefect_env, run_log, run_streaming
 
 DEFAULT_STAGE_TIMEOUT_S = 6 * 3600.0
 DEFAULT_RETRIES = 1
 DEFAULT_RETRY_DELAY_S = 30.0
-
-
-def run_log() -> LogFn:
-    """``log(level, line)`` into the current Prefect run's log (plain logging outside a run)."""
-    try:
-        logger: Any = get_run_logger()
-    except MissingContextError:
-        logger = logging.getLogger("flows")
-    return logger.log
-
-
-def prefect_env() -> dict[str, str]:
-    """Prefect ids for the stage's environment (``D2V_PREFECT_*``), so stages may tag their runs."""
-    try:
-        from prefect.runtime import deployment, flow_run
-
-        env = {"D2V_PREFECT_FLOW_RUN_ID": str(flow_run.id or ""), "D2V_PREFECT_FLOW_RUN_NAME": str(flow_run.name or ""),
-               "D2V_PREFECT_DEPLOYMENT": str(deployment.name or "")}
-    except Exception:  # noqa: BLE001 - outside a run there is nothing to add
-        return {}
-    return {k: v for k, v in env.items() if v and v != "None"}
 
 
 @task(name="dvc-repro", task_run_name="dvc repro {stage}", cache_policy=NONE)
@@ -91,9 +53,7 @@ def run_stage(repo: str, stage: str, outs: Optional[list[str]] = None, force: bo
     log = run_log()
     log(logging.INFO, f"$ {' '.join(['dvc', *cmd[1:]])}  (in {root}, timeout {timeout_s or 'none'} s)")
     res = run_streaming(cmd, root, log, timeout=timeout_s, env=child_env(prefect_env()))
-    if not res.ok:
-        err = StageTimeoutError if res.timed_out else StageFailedError
-        raise err(res.error_text(f"stage '{stage}' (dvc repro {stage})"))
+    res.raise_on_failure(f"stage '{stage}' (dvc repro {stage})")
     outs = list(outs or [])
     return {
         "stage": stage,
@@ -119,9 +79,7 @@ def save_experiment(repo: str, name: str, stages: Optional[list[str]] = None, ti
     """``dvc exp save -n <name> [stages]``: record the workspace (params, dvc.lock, metrics) as a
     DVC experiment, caching the outputs of ``stages`` (the ones this run reproduced)."""
     cmd = [dvc_exe(), "exp", "save", "-n", name, *(stages or [])]
-    res = run_streaming(cmd, Path(repo), run_log(), timeout=timeout_s)
-    if not res.ok:
-        raise StageFailedError(res.error_text(f"dvc exp save -n {name}"))
+    run_streaming(cmd, Path(repo), run_log(), timeout=timeout_s).raise_on_failure(f"dvc exp save -n {name}")
     return name
 
 
@@ -159,16 +117,6 @@ def results_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def publish(summary: dict[str, Any], key: str, markdown: str) -> None:
-    """A Markdown artifact on the run (best effort: never fails the run)."""
-    try:
-        from prefect.artifacts import create_markdown_artifact
-
-        create_markdown_artifact(markdown=markdown, key=key, description=f"{key} results")
-    except Exception as e:  # noqa: BLE001
-        run_log()(logging.WARNING, f"could not publish the results artifact: {e}")
-
-
 @flow(name="d2v-pipeline", description="Run DVC stages (dvc repro) as tasks; optional experiment overrides.")
 def pipeline_flow(
     repo: Optional[str] = None,
@@ -200,13 +148,8 @@ def pipeline_flow(
         mlflow_run_ids, experiment, overrides, dvc_experiment}``.
     """
     log = get_run_logger()
-    root = check_repo(repo)
-    infos = list_stages(root)
-    names = resolve_stages(stages, infos)
-    ovs = experiment_overrides(root, experiment, overrides)
+    root, infos, names, ovs = _checked_args(repo, stages, experiment, overrides)
     timeouts = stage_timeouts(names, stage_timeout_seconds, stage_timeouts_seconds, infos)
-    if ovs:
-        require_git(root)
     log.info(f"repo {root}: stages {', '.join(names)}" + (f"; overrides {ovs}" if ovs else " (plain dvc repro)"))
     outs = {s.name: list(s.outs) for s in infos}
     stage_task = run_stage.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
@@ -235,12 +178,18 @@ def pipeline_flow(
 def validate_pipeline_args(repo: Optional[str], stages: Optional[list[str]], experiment: Optional[str] = None,
                            overrides: Optional[list[str]] = None) -> tuple[Path, list[str], list[str]]:
     """The checks the flow makes first, without Prefect: (repo root, stage names, overrides)."""
-    root = check_repo(repo)
-    names = resolve_stages(stages, list_stages(root))
+    root, _, names, ovs = _checked_args(repo, stages, experiment, overrides)
+    return root, names, ovs
+
+
+def _checked_args(repo: Optional[str], stages: Optional[list[str]], experiment: Optional[str],
+                  overrides: Optional[list[str]]) -> tuple[Path, list[StageInfo], list[str], list[str]]:
+    """(repo root, all stages, the selected names, the validated overrides); git is required with overrides."""
+    root, infos, names = select_stages(repo, stages)
     ovs = experiment_overrides(root, experiment, overrides)
     if ovs:
         require_git(root)
-    return root, names, ovs
+    return root, infos, names, ovs
 
 
 def run_pipeline(repo: Optional[str] = None, stages: Optional[list[str]] = None, *, api_url: Optional[str] = None,
@@ -254,21 +203,6 @@ def run_pipeline(repo: Optional[str] = None, stages: Optional[list[str]] = None,
     validate_pipeline_args(repo, stages, kwargs.get("experiment"), kwargs.get("overrides"))
     with prefect_api(api_url):
         return pipeline_flow(repo=repo, stages=stages, **kwargs)
-
-
-@contextmanager
-def prefect_api(api_url: Optional[str] = None) -> Iterator[Optional[str]]:
-    """Use ``api_url`` (else PREFECT_API_URL) after checking that it answers; with neither set,
-    flows called inside run on a temporary server. Yields the URL (None for temporary)."""
-    url = api_url or api_url_from_env()
-    if not url:
-        yield None
-        return
-    check_server(url)
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings(updates={PREFECT_API_URL: url}):
-        yield url
 
 
 def _parse_timeouts(items: list[str]) -> dict[str, float]:
@@ -323,12 +257,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                               overrides=ns.overrides, exp_name=ns.exp_name, force=ns.force, retries=ns.retries,
                               retry_delay_seconds=ns.retry_delay, stage_timeout_seconds=ns.timeout,
                               stage_timeouts_seconds=_parse_timeouts(ns.stage_timeout) or None)
-    except (FlowInputError, ServerUnreachableError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except StageFailedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except CLI_ERRORS as e:
+        return report_error(e)
     print(f"ran: {', '.join(result['ran']) or 'nothing (up to date)'}")
     for r in result["stages"]:
         for k, v in r["mlflow_run_ids"].items():

@@ -20,16 +20,11 @@ from typing import Any, Optional
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from flows.common import (
-    FlowInputError,
-    ServerUnreachableError,
-    StageFailedError,
-    check_repo,
-    dvc_status,
-    list_stages,
-    resolve_stages,
-)
-from flows.pipeline import DEFAULT_RETRIES, DEFAULT_RETRY_DELAY_S, DEFAULT_STAGE_TIMEOUT_S, pipeline_flow, prefect_api, run_log
+from flows.errors import CLI_ERRORS, report_error
+from flows.pipeline import DEFAULT_RETRIES, DEFAULT_RETRY_DELAY_S, DEFAULT_STAGE_TIMEOUT_S, pipeline_flow
+from flows.server import prefect_api
+from flows.stages import dvc_status, select_stages
+from flows.streaming import run_log
 
 
 @task(name="dvc-status", task_run_name="dvc status", cache_policy=NONE)
@@ -60,8 +55,7 @@ def retrain_flow(
     Returns ``{repo, ran: bool, changes: {stage: [reasons]}, pipeline: <pipeline_flow result> | None}``.
     """
     log = get_run_logger()
-    root = check_repo(repo)
-    names = resolve_stages(stages, list_stages(root))
+    root, _, names = select_stages(repo, stages)
     targets = names if stages else []
     changes = check_changes(str(root), targets)
     if not changes:
@@ -85,17 +79,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--api-url", default=None, help="Prefect API URL (default: PREFECT_API_URL, else a temporary server)")
     ns = p.parse_args(argv)
     try:
-        root = check_repo(ns.repo)
-        resolve_stages(ns.stage, list_stages(root))
+        select_stages(ns.repo, ns.stage)
         with prefect_api(ns.api_url):
             result = retrain_flow(repo=ns.repo, stages=ns.stage or None, retries=ns.retries,
                                   stage_timeout_seconds=ns.timeout)
-    except (FlowInputError, ServerUnreachableError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except StageFailedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except CLI_ERRORS as e:
+        return report_error(e)
     print("retrained: " + (", ".join(result["pipeline"]["ran"]) or "nothing") if result["ran"] else "up to date: nothing to do")
     return 0
 

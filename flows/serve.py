@@ -25,18 +25,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-from flows.common import (
-    DEFAULT_API_URL,
-    PROJECT_ROOT,
-    FlowInputError,
-    ServerUnreachableError,
-    check_repo,
-    check_server,
-    experiment_overrides,
-    list_stages,
-    parse_grid_arg,
-    resolve_stages,
-)
+from flows.errors import FlowInputError, ServerUnreachableError, report_error
+from flows.overrides import experiment_overrides, parse_grid_arg
+from flows.server import DEFAULT_API_URL, check_server
+from flows.stages import PROJECT_ROOT, select_stages
 
 DEPLOYMENTS = ("pipeline", "retrain", "sweep")
 DEFAULT_PIPELINE_CRON = "0 2 * * *"
@@ -174,8 +166,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ns = build_parser().parse_args(argv)
     only = tuple(ns.only) or DEPLOYMENTS
     try:
-        root = check_repo(ns.repo)
-        resolve_stages(ns.stage, list_stages(root))
+        root, _, _ = select_stages(ns.repo, ns.stage)
         experiment_overrides(root, ns.experiment, ns.overrides)
         grid = parse_grid_arg(ns.grid) if ns.grid else None
         crons = {k: _cron(v, ns.timezone) for k, v in (("pipeline", ns.pipeline_cron), ("retrain", ns.retrain_cron),
@@ -188,8 +179,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not ns.dry_run:
             check_server(url)
     except (FlowInputError, ServerUnreachableError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
     # The served runs (child processes) find the server and this package through the environment.
     os.environ["PREFECT_API_URL"] = url
     os.environ["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,23 +24,12 @@ from typing import Any, Optional
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from flows.common import (
-    FlowInputError,
-    ServerUnreachableError,
-    StageFailedError,
-    check_repo,
-    child_env,
-    dvc_exe,
-    experiment_overrides,
-    grid_overrides,
-    list_stages,
-    parse_grid_arg,
-    require_git,
-    resolve_stages,
-    run_streaming,
-    validate_overrides,
-)
-from flows.pipeline import prefect_api, publish, run_log
+from flows.errors import CLI_ERRORS, StageFailedError, report_error
+from flows.overrides import experiment_overrides, grid_overrides, parse_grid_arg, validate_overrides
+from flows.results import find_run_ids, publish
+from flows.server import prefect_api
+from flows.stages import check_repo, list_stages, require_git, resolve_stages
+from flows.streaming import dvc_exe, run_dvc, run_log, run_streaming
 
 DEFAULT_GRID: dict[str, list[Any]] = {"train.lr": [1e-4, 5e-4]}
 DEFAULT_SWEEP_TIMEOUT_S = 12 * 3600.0
@@ -54,9 +42,7 @@ def queue_experiment(repo: str, name: str, overrides: list[str], targets: Option
     for o in overrides:
         cmd += ["-S", o]
     cmd += list(targets or [])
-    res = run_streaming(cmd, Path(repo), run_log(), timeout=600)
-    if not res.ok:
-        raise StageFailedError(res.error_text(f"queueing experiment '{name}'"))
+    run_streaming(cmd, Path(repo), run_log(), timeout=600).raise_on_failure(f"queueing experiment '{name}'")
     return name
 
 
@@ -69,22 +55,9 @@ def run_queue(repo: str, names: list[str], jobs: int = 1, timeout_s: Optional[fl
     root = Path(repo)
     res = run_streaming([dvc_exe(), "exp", "run", "--run-all", "-j", str(jobs)], root, run_log(), timeout=timeout_s)
     if res.timed_out:
-        subprocess.run([dvc_exe(), "queue", "kill", *names], cwd=root, env=child_env(), capture_output=True, timeout=120)
-        raise StageFailedError(res.error_text("dvc exp run --run-all"))
-    if res.returncode != 0:
-        raise StageFailedError(res.error_text("dvc exp run --run-all"))
+        run_dvc(["queue", "kill", *names], root, timeout=120)  # the sweep's experiments only
+    res.raise_on_failure("dvc exp run --run-all")
     return round(res.seconds, 2)
-
-
-def _run_ids(tree: Any, prefix: str = "") -> dict[str, str]:
-    found: dict[str, str] = {}
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            if isinstance(v, str) and str(k).endswith("run_id"):
-                found[f"{prefix}{k}"] = v
-            else:
-                found.update(_run_ids(v, f"{prefix}{k}."))
-    return found
 
 
 def experiments_from_show(shown: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -99,7 +72,7 @@ def experiments_from_show(shown: list[dict[str, Any]]) -> dict[str, dict[str, An
                     continue
                 metrics = {f: (v or {}).get("data", {}) for f, v in (data.get("metrics") or {}).items()}
                 params = {f: (v or {}).get("data", {}) for f, v in (data.get("params") or {}).items()}
-                ids = {f"{f}:{k}": v for f, m in metrics.items() for k, v in _run_ids(m).items()}
+                ids = {f"{f}:{k}": v for f, m in metrics.items() for k, v in find_run_ids(m).items()}
                 out[name] = {"rev": rev.get("rev"), "params": params, "metrics": metrics, "mlflow_run_ids": ids,
                              "error": rev.get("error")}
     return out
@@ -110,8 +83,7 @@ def collect_experiments(repo: str, names: list[str]) -> list[dict[str, Any]]:
     """Each sweep experiment's status, metrics and MLflow run ids (from ``dvc exp show --json``);
     a failed one gets the tail of ``dvc queue logs``."""
     root = Path(repo)
-    r = subprocess.run([dvc_exe(), "exp", "show", "--json"], cwd=root, env=child_env(), capture_output=True, text=True,
-                       timeout=600)
+    r = run_dvc(["exp", "show", "--json"], root, timeout=600)
     if r.returncode != 0:
         raise StageFailedError(f"dvc exp show failed: {r.stderr.strip()}")
     found = experiments_from_show(json.loads(r.stdout[r.stdout.find("["):] or "[]"))
@@ -121,8 +93,7 @@ def collect_experiments(repo: str, names: list[str]) -> list[dict[str, Any]]:
         if n in found and not found[n].get("error"):
             results.append({"name": n, "status": "success", **{k: found[n][k] for k in ("rev", "metrics", "mlflow_run_ids")}})
             continue
-        logs = subprocess.run([dvc_exe(), "queue", "logs", n], cwd=root, env=child_env(), capture_output=True,
-                              text=True, timeout=120)
+        logs = run_dvc(["queue", "logs", n], root, timeout=120)
         tail = (logs.stdout + logs.stderr).strip().splitlines()[-15:]
         for line in tail:
             log(logging.ERROR, f"[{n}] {line}")
@@ -227,12 +198,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         with prefect_api(ns.api_url):
             result = sweep_flow(repo=ns.repo, grid=grid, experiment=ns.experiment, overrides=ns.overrides,
                                 stages=ns.stage or None, name_prefix=ns.prefix, jobs=ns.jobs, timeout_seconds=ns.timeout)
-    except (FlowInputError, ServerUnreachableError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except StageFailedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except CLI_ERRORS as e:
+        return report_error(e)
     for e in result["experiments"]:
         print(f"{e['name']}: {e['status']}  {' '.join(e['overrides'])}  {' '.join(e['mlflow_run_ids'].values())}")
     return 0

@@ -24,15 +24,28 @@ if str(ROOT) not in sys.path:  # flows/ lives beside src/, outside the installed
     sys.path.insert(0, str(ROOT))
 
 from conftest import make_project_repo  # noqa: E402
-from flows import common  # noqa: E402
-from flows.common import (  # noqa: E402
+from flows.errors import (  # noqa: E402
     FlowInputError,
     NotADvcRepoError,
     ServerUnreachableError,
     StageFailedError,
+    StageTimeoutError,
     UnknownParamError,
     UnknownStageError,
+    report_error,
 )
+from flows.overrides import (  # noqa: E402
+    apply_params,
+    experiment_overrides,
+    format_value,
+    grid_overrides,
+    parse_grid_arg,
+    validate_overrides,
+)
+from flows.results import collect_run_ids, find_run_ids  # noqa: E402
+from flows.server import check_server  # noqa: E402
+from flows.stages import check_repo, list_stages, parse_status, require_git, resolve_stages, select_stages  # noqa: E402
+from flows.streaming import child_env, run_streaming  # noqa: E402
 
 BIN = Path(sys.executable).parent
 BROKEN_MESSAGE = "BOOM: the broken stage failed on purpose"
@@ -79,7 +92,7 @@ stages:
 
 
 def sh(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, cwd=cwd, env=common.child_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"{cmd}: {r.stdout}\n{r.stderr}"
     return r
 
@@ -134,17 +147,17 @@ def toy_copy(toy: Path, tmp_path: Path) -> Path:
 
 def test_not_a_dvc_repo_is_a_clear_error(tmp_path: Path):
     with pytest.raises(NotADvcRepoError, match="does not exist"):
-        common.check_repo(tmp_path / "missing")
+        check_repo(tmp_path / "missing")
     with pytest.raises(NotADvcRepoError, match=r"is not a DVC repository \(no \.dvc/ folder\)") as e:
-        common.check_repo(tmp_path)
+        check_repo(tmp_path)
     assert str(tmp_path) in str(e.value)
     (tmp_path / ".dvc").mkdir()
     with pytest.raises(NotADvcRepoError, match="no dvc.yaml"):
-        common.check_repo(tmp_path)
+        check_repo(tmp_path)
 
 
 def test_stages_come_from_dvc_in_pipeline_order(toy: Path):
-    stages = common.list_stages(toy)
+    stages = list_stages(toy)
     names = [s.name for s in stages]
     assert names == ["prep@a", "prep@b", "train", "broken"]
     by = {s.name: s for s in stages}
@@ -153,20 +166,22 @@ def test_stages_come_from_dvc_in_pipeline_order(toy: Path):
 
 
 def test_resolve_stages_groups_order_and_unknown_names(toy: Path):
-    stages = common.list_stages(toy)
-    assert common.resolve_stages(None, stages) == ["prep@a", "prep@b", "train", "broken"]
-    assert common.resolve_stages(["train", "prep"], stages) == ["prep@a", "prep@b", "train"]
-    assert common.resolve_stages(["prep@b"], stages) == ["prep@b"]
+    stages = list_stages(toy)
+    assert resolve_stages(None, stages) == ["prep@a", "prep@b", "train", "broken"]
+    assert resolve_stages(["train", "prep"], stages) == ["prep@a", "prep@b", "train"]
+    assert resolve_stages(["prep@b"], stages) == ["prep@b"]
     with pytest.raises(UnknownStageError) as e:
-        common.resolve_stages(["train", "pretrian"], stages)
+        resolve_stages(["train", "pretrian"], stages)
     msg = str(e.value)
     assert "'pretrian'" in msg and "valid stages: prep@a, prep@b, train, broken" in msg and "groups: prep" in msg
+    root, infos, names = select_stages(str(toy), ["prep"])
+    assert root == toy.resolve() and infos == stages and names == ["prep@a", "prep@b"]
 
 
 def test_stage_timeouts_by_stage_or_group(toy: Path):
     from flows.pipeline import stage_timeouts
 
-    stages = common.list_stages(toy)
+    stages = list_stages(toy)
     got = stage_timeouts(["prep@a", "prep@b", "train"], 100.0, {"prep": 5, "prep@b": 7}, stages)
     assert got == {"prep@a": 5, "prep@b": 7, "train": 100.0}
     with pytest.raises(UnknownStageError, match="nope"):
@@ -180,18 +195,18 @@ def test_stage_timeouts_by_stage_or_group(toy: Path):
 def test_overrides_are_checked_against_params_and_config_groups(toy: Path):
     ok = ["train.lr=5e-4", "model=big", "experiment=fast", "+extra.key=1", "params.yaml:train.steps=4",
           "experiment=null", "train=null"]
-    assert common.validate_overrides(toy, ok) == ok
+    assert validate_overrides(toy, ok) == ok
     with pytest.raises(UnknownParamError, match=r"unknown parameter 'train\.lrr'.*top-level keys: model, train"):
-        common.validate_overrides(toy, ["train.lrr=1"])
+        validate_overrides(toy, ["train.lrr=1"])
     with pytest.raises(UnknownParamError, match="'huge' is not an option of the config group 'model'; options: big, small"):
-        common.validate_overrides(toy, ["model=huge"])
+        validate_overrides(toy, ["model=huge"])
     with pytest.raises(FlowInputError, match="expected key=value"):
-        common.validate_overrides(toy, ["train.lr"])
+        validate_overrides(toy, ["train.lr"])
     with pytest.raises(UnknownParamError, match="no Hydra 'experiment' config group"):
-        common.experiment_overrides(_repo_without_experiments(toy), "fast", None)
-    assert common.experiment_overrides(toy, "fast", ["train.lr=1"]) == ["experiment=fast", "train.lr=1"]
+        experiment_overrides(_repo_without_experiments(toy), "fast", None)
+    assert experiment_overrides(toy, "fast", ["train.lr=1"]) == ["experiment=fast", "train.lr=1"]
     with pytest.raises(UnknownParamError, match="'slow' is not an option of the config group 'experiment'"):
-        common.experiment_overrides(toy, "slow", None)
+        experiment_overrides(toy, "slow", None)
 
 
 def _repo_without_experiments(toy: Path) -> Path:
@@ -203,19 +218,19 @@ def _repo_without_experiments(toy: Path) -> Path:
 
 
 def test_grid_combinations_and_value_formatting():
-    combos = common.grid_overrides({"train.lr": [1e-4, 5e-4], "model": ["small", "big"]})
+    combos = grid_overrides({"train.lr": [1e-4, 5e-4], "model": ["small", "big"]})
     assert combos == [["train.lr=0.0001", "model=small"], ["train.lr=0.0001", "model=big"],
                       ["train.lr=0.0005", "model=small"], ["train.lr=0.0005", "model=big"]]
-    assert common.grid_overrides({"flag": [True, None]}) == [["flag=true"], ["flag=null"]]
-    assert common.format_value("a,b") == "'a,b'" and common.format_value([1, "x"]) == "[1,x]"
-    assert common.grid_overrides({"seed": 3}) == [["seed=3"]]
+    assert grid_overrides({"flag": [True, None]}) == [["flag=true"], ["flag=null"]]
+    assert format_value("a,b") == "'a,b'" and format_value([1, "x"]) == "[1,x]"
+    assert grid_overrides({"seed": 3}) == [["seed=3"]]
     with pytest.raises(FlowInputError, match="empty"):
-        common.grid_overrides({})
+        grid_overrides({})
     with pytest.raises(FlowInputError, match="no values for 'seed'"):
-        common.grid_overrides({"seed": []})
-    assert common.parse_grid_arg(["train.lr=1e-4, 5e-4", "model=big"]) == {"train.lr": ["1e-4", "5e-4"], "model": ["big"]}
+        grid_overrides({"seed": []})
+    assert parse_grid_arg(["train.lr=1e-4, 5e-4", "model=big"]) == {"train.lr": ["1e-4", "5e-4"], "model": ["big"]}
     with pytest.raises(FlowInputError, match="expected key=v1,v2"):
-        common.parse_grid_arg(["train.lr"])
+        parse_grid_arg(["train.lr"])
 
 
 def test_a_sweep_over_an_unknown_key_is_refused_before_queueing(toy_copy: Path):
@@ -225,7 +240,7 @@ def test_a_sweep_over_an_unknown_key_is_refused_before_queueing(toy_copy: Path):
         validate_sweep_args(str(toy_copy), {"train.lr": [0.1], "train.momentum": [0.9, 0.99]})
     with pytest.raises(UnknownParamError, match="'medium' is not an option of the config group 'model'"):
         validate_sweep_args(str(toy_copy), {"model": ["small", "medium"]})
-    queued = subprocess.run([str(BIN / "dvc"), "queue", "status"], cwd=toy_copy, env=common.child_env(),
+    queued = subprocess.run([str(BIN / "dvc"), "queue", "status"], cwd=toy_copy, env=child_env(),
                             capture_output=True, text=True).stdout
     assert "Queued" not in queued
     root, combos, base, targets = validate_sweep_args(str(toy_copy), {"model": ["small", "big"]}, "fast", None, ["train"])
@@ -235,7 +250,7 @@ def test_a_sweep_over_an_unknown_key_is_refused_before_queueing(toy_copy: Path):
 def test_apply_params_composes_like_dvc_exp_run(toy_copy: Path):
     import yaml
 
-    common.apply_params(toy_copy, ["experiment=fast", "train.steps=9"])
+    apply_params(toy_copy, ["experiment=fast", "train.steps=9"])
     p = yaml.safe_load((toy_copy / "params.yaml").read_text())
     assert p["train"] == {"lr": 0.5, "steps": 9} and p["model"] == {"width": 8}
 
@@ -244,7 +259,7 @@ def test_experiments_need_git(toy: Path, tmp_path: Path):
     bare = tmp_path / "nogit"
     shutil.copytree(toy, bare, symlinks=True, ignore=shutil.ignore_patterns(".git"))
     with pytest.raises(FlowInputError, match="need a git repository"):
-        common.require_git(bare)
+        require_git(bare)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,14 +271,15 @@ def test_run_ids_are_collected_from_json_outputs(tmp_path: Path):
         {"mlflow_run_id": "a1", "eval": {"probe_run_id": "b2", "finetune_run_id": "c3", "acc": 0.5},
          "run_ids": ["not", "a", "string"]}))
     (tmp_path / "bad.json").write_text("{not json")
-    got = common.collect_run_ids(tmp_path, ["m.json", "bad.json", "missing.json", "model.txt"])
+    got = collect_run_ids(tmp_path, ["m.json", "bad.json", "missing.json", "model.txt"])
     assert got == {"m.json:mlflow_run_id": "a1", "m.json:eval.probe_run_id": "b2", "m.json:eval.finetune_run_id": "c3"}
+    assert find_run_ids({"a": {"x_run_id": "r", "empty_run_id": ""}, "run_id": 3}) == {"a.x_run_id": "r"}
 
 
 def test_dvc_status_is_summarised_per_stage():
     status = {"train": [{"changed deps": {"params.yaml": {"train.lr": "modified"}, "data/a.txt": "modified"}},
                         {"changed outs": {"model.txt": "deleted"}}, "always changed"]}
-    assert common.parse_status(status) == {"train": [
+    assert parse_status(status) == {"train": [
         "deps: params.yaml (train.lr: modified)", "deps: data/a.txt modified", "outs: model.txt deleted",
         "always changed"]}
 
@@ -274,11 +290,14 @@ def test_run_streaming_passes_every_line_with_its_level(tmp_path: Path):
     code = ("import sys\nprint('one')\nprint('ERROR: two', file=sys.stderr)\nsys.stdout.flush()\n"
             "print('WARNING: three')\nprint('Running stage \\'x\\':')\nsys.exit(4)\n")
     seen: list[tuple[int, str]] = []
-    res = common.run_streaming([sys.executable, "-c", code], tmp_path, lambda lvl, line: seen.append((lvl, line)))
+    res = run_streaming([sys.executable, "-c", code], tmp_path, lambda lvl, line: seen.append((lvl, line)))
     assert [line for _, line in seen] == ["one", "ERROR: two", "WARNING: three", "Running stage 'x':"]
     assert [lvl for lvl, _ in seen] == [logging.INFO, logging.ERROR, logging.WARNING, logging.INFO]
     assert res.returncode == 4 and not res.ok and res.ran_stages == ["x"]
     assert "failed with exit code 4" in res.error_text("cmd") and "ERROR: two" in res.error_text("cmd")
+    with pytest.raises(StageFailedError, match="cmd failed with exit code 4") as e:
+        res.raise_on_failure("cmd")
+    assert not isinstance(e.value, StageTimeoutError)
 
 
 def test_run_streaming_kills_the_whole_command_on_timeout(tmp_path: Path):
@@ -286,9 +305,11 @@ def test_run_streaming_kills_the_whole_command_on_timeout(tmp_path: Path):
     code = (f"import subprocess, sys, time\np = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
             f"open({str(marker)!r}, 'w').write(str(p.pid))\nprint('started', flush=True)\ntime.sleep(60)\n")
     t0 = time.monotonic()
-    res = common.run_streaming([sys.executable, "-c", code], tmp_path, lambda *_: None, timeout=2)
+    res = run_streaming([sys.executable, "-c", code], tmp_path, lambda *_: None, timeout=2)
     assert res.timed_out and not res.ok and time.monotonic() - t0 < 20
     assert "timed out after" in res.error_text("stage 'x'")
+    with pytest.raises(StageTimeoutError, match="timed out after"):
+        res.raise_on_failure("stage 'x'")
     child = int(marker.read_text())
     time.sleep(0.5)
     assert not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text().lower()
@@ -301,7 +322,7 @@ def test_unreachable_server_is_named_in_the_error():
     url = f"http://127.0.0.1:{port}/api"
     t0 = time.monotonic()
     with pytest.raises(ServerUnreachableError) as e:
-        common.check_server(url, timeout=2)
+        check_server(url, timeout=2)
     assert url in str(e.value) and "scripts/prefect_server.sh" in str(e.value) and time.monotonic() - t0 < 5
 
 
@@ -385,7 +406,7 @@ def test_sweep_show_parsing():
 
 
 def run_cli(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = dict(common.child_env(), PYTHONPATH=str(ROOT))
+    env = dict(child_env(), PYTHONPATH=str(ROOT))
     env.pop("PREFECT_API_URL", None)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
@@ -424,6 +445,8 @@ def test_cli_errors_are_one_clear_line(toy: Path, tmp_path: Path, capsys):
     assert "Prefect server at http://127.0.0.1:9/api is unreachable" in capsys.readouterr().err
     assert pipeline.main(["--repo", str(toy), "--list"]) == 0
     assert "train                model.txt, metrics.json" in capsys.readouterr().out
+    assert report_error(StageTimeoutError("x timed out")) == 1 and report_error(UnknownParamError("bad")) == 2
+    assert capsys.readouterr().err == "error: x timed out\nerror: bad\n"
 
 
 def test_help_texts():
@@ -439,11 +462,37 @@ def test_scripts_source_the_environment_and_bind_loopback(script: str):
         assert "--host 127.0.0.1" in text
 
 
+ML_PACKAGES = {"torch", "torchaudio", "torchvision", "d2v", "mlflow", "numpy", "sklearn"}
+HELPERS = ("errors", "overrides", "results", "server", "stages", "streaming")  # Prefect-free
+
+
 def test_flows_hold_no_ml_code():
+    """flows/ only orchestrates: no module imports torch, d2v or MLflow, even inside a function."""
+    import ast
+
+    assert {p.stem for p in (ROOT / "flows").glob("*.py")} >= set(HELPERS) | {"pipeline", "sweep", "retrain", "serve"}
     for path in (ROOT / "flows").glob("*.py"):
-        text = path.read_text()
-        for banned in ("import torch", "import d2v", "from d2v", "import mlflow"):
-            assert banned not in text, (path.name, banned)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            bad = [n for n in names if n.split(".")[0] in ML_PACKAGES]
+            assert not bad, f"{path.name}:{node.lineno} imports {bad}"
+
+
+def test_importing_the_flows_loads_no_ml_code_and_the_helpers_no_prefect():
+    code = ("import sys\n"
+            f"import {', '.join('flows.' + h for h in HELPERS)}\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'dvc'}))\n"
+            "import flows.pipeline, flows.sweep, flows.retrain, flows.serve\n"
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(ML_PACKAGES - {'numpy'})!r})))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(child_env(), PYTHONPATH=str(ROOT)),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:2] == ["[]", "[]"], r.stdout  # helpers: no Prefect/DVC; flows: no torch, d2v, MLflow
 
 
 
@@ -462,7 +511,7 @@ def test_the_project_pipeline_runs_through_the_flow(tmp_path: Path):
     from flows.pipeline import run_pipeline
 
     repo = make_project_repo(tmp_path / "project")
-    expected = [s.name for s in common.list_stages(repo)]
+    expected = [s.name for s in list_stages(repo)]
     result = run_pipeline(str(repo), retries=0)
     assert [r["stage"] for r in result["stages"]] == expected
     assert set(result["ran"]) == set(expected)  # a fresh repo: every stage's command ran once

@@ -57,7 +57,8 @@ def prefect_api(tmp_path_factory) -> Iterator[str]:
     """A real ``prefect server start`` on a free loopback port; yields its API URL (set as PREFECT_API_URL)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.common import ServerUnreachableError, check_server
+    from flows.errors import ServerUnreachableError
+    from flows.server import check_server
 
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
