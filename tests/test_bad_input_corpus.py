@@ -352,10 +352,10 @@ def _checkpoint(make: Callable[[Path], None], loader: str = "pretrain") -> Calla
         p = tmp / "checkpoint.pt"
         make(p)
         if loader == "pretrain":
-            from d2v.train.pretrain import load_checkpoint
+            from d2v.train.checkpoint import load_checkpoint
 
             return load_checkpoint(p, load_config(["experiment=tiny"]))
-        from d2v.models.export import torch_load_checked
+        from d2v.io import torch_load_checked
 
         return torch_load_checked(p)
 
@@ -386,7 +386,7 @@ def _encode_nan_wav(tmp: Path):
 
     from d2v.inference import encode
     from d2v.models import Data2Vec2
-    from d2v.models.export import save_model_dir
+    from d2v.models.model_dir import save_model_dir
 
     model_dir = save_model_dir(Data2Vec2(build_cfg("speech")), tmp / "model", source="test")
     return encode(str(model_dir), _float_wav_with_nan(tmp / "features.wav"), modality="speech", device="cpu")

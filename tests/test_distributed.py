@@ -27,7 +27,8 @@ import torch
 from d2v.config import load_config
 from d2v.errors import ConfigError
 from d2v.train import distributed
-from d2v.train.pretrain import batches_in, pretrain, stream_seed
+from d2v.data.streams import batches_in, stream_seed
+from d2v.train.pretrain import pretrain
 
 EQUIV = [
     "experiment=tiny", "data=sample", "data.num_samples=16", "data.audio_seconds=0.5",

@@ -45,7 +45,8 @@ import torch
 
 from d2v.config import load_config
 from d2v.errors import CollapseError, InputError
-from d2v.train.pretrain import CHECKPOINT, load_checkpoint, pretrain
+from d2v.train.checkpoint import CHECKPOINT, load_checkpoint
+from d2v.train.pretrain import pretrain
 from test_pretrain import shard_root  # noqa: F401 - the fixture: tiny shards of all three modalities
 
 pytestmark = pytest.mark.faults
@@ -326,14 +327,14 @@ class _FullDisk:
 
 
 def test_disk_full_during_a_checkpoint_write(tmp_path, reference, monkeypatch):
-    from d2v.models import export
+    from d2v import io as d2v_io
 
     size = reference["size"]
     out = tmp_path / "disk" / "out"
     with small_disk(out, (size * 3 // 2 // 4096 + 1) * 4096) as how:  # the first checkpoint fits, a second not
         if how is None:  # no mount permission: the same failure, raised where the bytes are written
             budget = [size * 3 // 2]
-            monkeypatch.setattr(export, "open", lambda *a, **k: _FullDisk(open(*a, **k), budget), raising=False)
+            monkeypatch.setattr(d2v_io, "open", lambda *a, **k: _FullDisk(open(*a, **k), budget), raising=False)
         with pytest.raises(OSError) as ei:
             pretrain(run_cfg(out), progress=False)
         monkeypatch.undo()
@@ -351,10 +352,12 @@ def test_disk_full_during_a_checkpoint_write(tmp_path, reference, monkeypatch):
 
 
 def test_disk_full_while_writing_a_model_folder(tmp_path, monkeypatch):
-    """``save_model_dir`` (export, registry) on a full disk: a clear error, the old folder kept."""
+    """``save_model_dir`` (convert, registry) on a full disk: a clear error, the old folder kept."""
     from conftest import build_cfg
 
-    from d2v.models import Data2Vec2, export
+    from d2v import io as d2v_io
+    from d2v.models import Data2Vec2
+    from d2v.models import model_dir as export
 
     model = Data2Vec2(build_cfg("image"))
     first = export.save_model_dir(model, tmp_path / "probe" / "m")
@@ -363,7 +366,7 @@ def test_disk_full_while_writing_a_model_folder(tmp_path, monkeypatch):
     with small_disk(disk, (size * 3 // 2 // 4096 + 2) * 4096) as how:
         if how is None:
             budget = [size * 3 // 2]
-            monkeypatch.setattr(export, "open", lambda *a, **k: _FullDisk(open(*a, **k), budget), raising=False)
+            monkeypatch.setattr(d2v_io, "open", lambda *a, **k: _FullDisk(open(*a, **k), budget), raising=False)
         export.save_model_dir(model, disk / "m")  # fits
         with pytest.raises(OSError) as ei:
             export.save_model_dir(model, disk / "m")  # a second copy does not
@@ -889,7 +892,7 @@ def test_weights_only_refuses_a_pickle_that_runs_code(tmp_path):
     torch.save({"model": Evil(), "optimizer": {}, "step": 1, "config": {"model": {}}}, p)
     with pytest.raises(InputError, match="holds objects other than tensors"):
         load_checkpoint(p, run_cfg(tmp_path))
-    from d2v.models.export import load_model_dir
+    from d2v.models.model_dir import load_model_dir
 
     with pytest.raises(InputError):
         load_model_dir(p)

@@ -11,7 +11,9 @@ import torch
 
 from d2v.config import load_config
 from d2v.errors import ConfigError, InputError
-from d2v.train.pretrain import CHECKPOINT, lr_at, pretrain
+from d2v.train.checkpoint import CHECKPOINT
+from d2v.train.pretrain import pretrain
+from d2v.train.schedule import lr_at
 
 
 def tiny(tmp_path, *extra: str):

@@ -18,7 +18,7 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from d2v.data import loaders
+from d2v.data import loaders, transforms
 from d2v.data.manifest import manifest_path, raw_dir, write_manifest
 from d2v.data.shards import shard_urls, write_shards
 from d2v.data.tokenizer import BOS, EOS, PAD, UNK, train_tokenizer
@@ -208,12 +208,12 @@ def test_train_loader_fixed_epoch_masks_and_crop(tmp_path):
 def test_decode_audio_standardises_the_whole_utterance():
     buf = io.BytesIO()
     sf.write(buf, (np.sin(np.arange(8000) / 5) * 9000 + 500).astype(np.int16), 16000, format="FLAC")
-    x = loaders.decode_audio(buf.getvalue(), "k")
+    x = transforms.decode_audio(buf.getvalue(), "k")
     assert abs(float(x.mean())) < 1e-5 and abs(float(x.std(unbiased=False)) - 1) < 1e-3
-    with pytest.raises(InputError, match="sample rate 16000 Hz, expected 8000"):
-        loaders.decode_audio(buf.getvalue(), "k", sample_rate=8000)
-    with pytest.raises(InputError, match="cannot decode FLAC"):
-        loaders.decode_audio(b"fLaC\x00\x00", "k")
+    with pytest.raises(InputError, match="k: sample rate 16000 Hz, the model expects 8000"):
+        transforms.decode_audio(buf.getvalue(), "k", sample_rate=8000)
+    with pytest.raises(InputError, match="k: cannot decode audio"):
+        transforms.decode_audio(b"fLaC\x00\x00", "k")
 
 
 def test_text_blocks_are_packed(tmp_path):

@@ -8,6 +8,8 @@ in order. Decoding and augmentation per modality:
 * image: PNG -> float in [0,1] -> (train) random-resized-crop + horizontal flip -> normalised;
 * speech: FLAC -> float waveform -> per-utterance standardisation -> crop to the batch's
   shortest clip (random offset in training; fairseq crops rather than pads) -> capped length;
+
+(decoding and normalisation: :mod:`d2v.data.transforms`; token counts and masks: :mod:`d2v.models.masking`)
 * text: sentencepiece ids -> (train) packed into fixed-length blocks with ``<s>`` in front;
   (eval) one padded row per line.
 
@@ -19,15 +21,14 @@ from __future__ import annotations
 import functools
 import io
 import json
-import math
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from d2v.data import transforms
 from d2v.data.tokenizer import BOS, PAD
 from d2v.errors import InputError
 
@@ -43,7 +44,6 @@ class Batch:
     padding_mask: Optional[torch.Tensor] = None
 
 
-# ---------------------------------------------------------------------------------- decoding
 def _check_key(sample: dict) -> dict:
     key = sample.get("__key__", "")
     if key.startswith("/") or ".." in key.split("/"):
@@ -51,52 +51,10 @@ def _check_key(sample: dict) -> dict:
     return sample
 
 
-def decode_image(png: bytes, key: str = "") -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(png)) as im:
-            arr = np.asarray(im)
-    except (OSError, UnidentifiedImageError) as e:
-        raise InputError(f"sample {key}: corrupt PNG: {e}") from e
-    x = torch.from_numpy(arr.copy()).float().div_(255)
-    return x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
-
-
-def random_resized_crop(x: torch.Tensor, size: int, rng: random.Random, scale=(0.2, 1.0),
-                        ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
-    """torchvision's RandomResizedCrop semantics on a (C, H, W) tensor, bilinear."""
-    _, h, w = x.shape
-    area = h * w
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        ar = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        cw, ch = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
-        if 0 < cw <= w and 0 < ch <= h:
-            top, left = rng.randint(0, h - ch), rng.randint(0, w - cw)
-            x = x[:, top : top + ch, left : left + cw]
-            break
-    return F.interpolate(x.unsqueeze(0), size=(size, size), mode="bilinear", align_corners=False).squeeze(0)
-
-
-def decode_audio(flac: bytes, key: str = "", sample_rate: int = 16000) -> torch.Tensor:
-    import soundfile as sf
-
-    try:
-        wav, sr = sf.read(io.BytesIO(flac), dtype="float32", always_2d=True)
-    except Exception as e:  # noqa: BLE001 - libsndfile raises several types
-        raise InputError(f"sample {key}: cannot decode FLAC: {e}") from e
-    if sr != sample_rate:
-        raise InputError(f"sample {key}: sample rate {sr} Hz, expected {sample_rate}")
-    x = torch.from_numpy(wav.mean(axis=1))
-    return F.layer_norm(x, x.shape)  # per-utterance standardisation (fairseq normalize=True)
-
-
 # ---------------------------------------------------------------------------------- collation
 class ImageCollate:
     def __init__(self, size: int, in_chans: int, train: bool, seed: int = 0, mask_fn: Optional[MaskFn] = None,
-                 tokens: int = 0, mean: float = 0.2860, std: float = 0.3530):
-        # mean/std: Fashion-MNIST training pixels; harmless for other grey data
+                 tokens: int = 0, mean: float = transforms.IMAGE_MEAN, std: float = transforms.IMAGE_STD):
         self.size, self.in_chans, self.train, self.mask_fn, self.tokens = size, in_chans, train, mask_fn, tokens
         self.mean, self.std = mean, std
         self.rng = random.Random(seed)
@@ -104,16 +62,12 @@ class ImageCollate:
     def __call__(self, samples: list[dict]) -> Batch:
         xs = []
         for s in samples:
-            x = decode_image(s["png"], s["__key__"])
+            x = transforms.decode_image(s["png"], f"sample {s['__key__']}")
             if self.train:
-                x = random_resized_crop(x, self.size, self.rng)
+                x = transforms.random_resized_crop(x, self.size, self.rng)
                 if self.rng.random() < 0.5:
                     x = x.flip(-1)
-            elif x.shape[-1] != self.size:
-                x = F.interpolate(x.unsqueeze(0), size=(self.size, self.size), mode="bilinear", align_corners=False)[0]
-            if x.shape[0] != self.in_chans:
-                x = x.mean(0, keepdim=True).expand(self.in_chans, -1, -1) if x.shape[0] in (1, 3) else x
-            xs.append((x - self.mean) / self.std)
+            xs.append(transforms.image_tensor(x, self.size, self.in_chans, self.mean, self.std))
         src = torch.stack(xs)
         mask = self.mask_fn(len(samples), self.tokens) if self.mask_fn else None
         return Batch(src, torch.tensor([int(s["cls"]) for s in samples]), [s["__key__"] for s in samples], mask)
@@ -127,7 +81,7 @@ class SpeechCollate:
         self.rng = random.Random(seed)
 
     def __call__(self, samples: list[dict]) -> Batch:
-        wavs = [decode_audio(s["flac"], s["__key__"], self.sample_rate) for s in samples]
+        wavs = [transforms.decode_audio(s["flac"], f"sample {s['__key__']}", self.sample_rate) for s in samples]
         length = min(min(w.numel() for w in wavs), self.max_samples)
         out = []
         for w in wavs:  # crop to the shortest (fairseq pretraining: no padding)
@@ -145,11 +99,7 @@ class TextCollate:
         self.length = length
 
     def __call__(self, samples: list[dict]) -> Batch:
-        rows = [np.concatenate([[BOS], np.asarray(s["ids.npy"])])[: self.length] for s in samples]
-        t = max(len(r) for r in rows)
-        src = torch.full((len(rows), t), PAD, dtype=torch.long)
-        for i, r in enumerate(rows):
-            src[i, : len(r)] = torch.from_numpy(r.astype(np.int64))
+        src = transforms.pad_rows([transforms.text_ids(s["ids.npy"], self.length) for s in samples])
         return Batch(src, torch.tensor([int(s["cls"]) for s in samples]), [s["__key__"] for s in samples],
                      padding_mask=src.eq(PAD))
 
@@ -171,7 +121,8 @@ def collate_blocks(mask_fn: Optional[MaskFn]) -> Callable[[list[dict]], Batch]:
     def fn(samples: list[dict]) -> Batch:
         src = torch.from_numpy(np.stack([s["ids"] for s in samples]))
         mask = mask_fn(len(samples), src.shape[1]) if mask_fn else None
-        return Batch(src, torch.full((len(samples),), -1), [s["__key__"] for s in samples], mask)
+        return Batch(src, torch.full((len(samples),), -1), [s["__key__"] for s in samples], mask,
+                     padding_mask=src.eq(PAD))
 
     return fn
 
@@ -296,7 +247,6 @@ def make_train_loader(cfg: Any, modality: str, batch_size: int, batches_per_epoc
     """The pretraining stream of one modality from ``cfg`` (a ``d2v.config.Config``)."""
     from d2v.data.shards import shard_urls
     from d2v.models import masking
-    from d2v.models.config import parse_conv_spec
 
     m = cfg.model
     mc = getattr(m, modality)
@@ -313,27 +263,18 @@ def make_train_loader(cfg: Any, modality: str, batch_size: int, batches_per_epoc
         return state["gen"]
 
     def mask_fn(b: int, t: int) -> torch.Tensor:
-        gen = generator()
-        if modality == "image":
-            return masking.block_mask_2d(b * m.clone_batch, t, mc.mask_prob, mc.mask_length, mc.mask_prob_adjust, mc.inverse_mask, gen)
-        if modality == "speech":
-            return masking.block_mask_1d(b * m.clone_batch, t, mc.mask_prob, mc.mask_length, mc.mask_prob_adjust, mc.inverse_mask, gen)
-        return masking.random_mask(b * m.clone_batch, t, mc.mask_prob, gen)
+        return masking.make_mask(modality, mc, b * m.clone_batch, t, generator())
+
+    def tokens(samples: int) -> int:
+        return masking.num_tokens(modality, mc, (samples,))
 
     mf = mask_fn if with_masks else None
     if modality == "image":
-        grid = mc.input_size // mc.patch_size
-        collate = ImageCollate(mc.input_size, mc.in_chans, train=True, seed=seed + rank, mask_fn=mf, tokens=grid * grid)
+        collate = ImageCollate(mc.input_size, mc.in_chans, train=True, seed=seed + rank, mask_fn=mf,
+                               tokens=masking.num_tokens("image", mc, ()))
     elif modality == "speech":
-        spec = parse_conv_spec(mc.feature_encoder_spec)
-
-        def frames(n: int) -> int:
-            for _, k, s in spec:
-                n = (n - k) // s + 1
-            return n
-
         collate = SpeechCollate(mc.sample_rate, int(cfg.data.audio_seconds * mc.sample_rate), train=True,
-                                seed=seed + rank, mask_fn=mf, frames=frames)
+                                seed=seed + rank, mask_fn=mf, frames=tokens)
     else:
         collate = collate_blocks(mf)
     return train_loader(urls, modality, batch_size, collate, batches_per_epoch, seed + 1000 * rank,

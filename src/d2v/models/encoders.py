@@ -82,14 +82,6 @@ def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def _block_num_masked(m: Any, length: int) -> int:
-    """The masked count per row that the block masks (image, speech) equalise to: ``int(length * p)``
-    marked, where an inverse mask marks the kept tokens (p = 1 - mask_prob)."""
-    p = 1 - m.mask_prob if m.inverse_mask else m.mask_prob
-    marked = int(length * p)
-    return length - marked if m.inverse_mask else marked
-
-
 class ModalityEncoder(nn.Module):
     modality: str = ""
 
@@ -122,15 +114,15 @@ class ModalityEncoder(nn.Module):
         return _GradMultiply.apply(self.local_encoder(source), mult)
 
     def make_mask(self, rows: int, length: int, device: torch.device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        raise NotImplementedError
+        return masking.make_mask(self.modality, self.mcfg, rows, length, generator, device)
 
     def num_masked(self, length: int) -> int:
         """The exact masked count per row that ``make_mask`` gives for ``length`` tokens."""
-        raise NotImplementedError
+        return masking.num_masked(self.modality, self.mcfg, length)
 
     def num_tokens(self, source_shape: tuple[int, ...]) -> int:
         """How many tokens (patches, frames, ids) a sample of this shape becomes."""
-        raise NotImplementedError
+        return masking.num_tokens(self.modality, self.mcfg, source_shape)
 
     def _positions(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Full-length positional term added before tokens are dropped (fixed or conv)."""
@@ -228,9 +220,6 @@ class ImageEncoder(ModalityEncoder):
     def local_features(self, source: torch.Tensor) -> torch.Tensor:
         return self._run_local(source)
 
-    def num_tokens(self, source_shape: tuple[int, ...]) -> int:
-        return self.grid * self.grid
-
     def contextualize(self, local, clones=1, mask=None, keep_idx=None, padding_mask=None) -> Contextualized:
         # Positions go on before cloning (same result, M times less work).
         x = local + self.pos_embed.to(local.dtype)
@@ -240,13 +229,6 @@ class ImageEncoder(ModalityEncoder):
             x = _gather_tokens(x, keep_idx)
         x = torch.cat([self.extra_tokens.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         return Contextualized(self.context_encoder(x, None), None, None)
-
-    def make_mask(self, rows, length, device, generator=None) -> torch.Tensor:
-        m = self.mcfg
-        return masking.block_mask_2d(rows, length, m.mask_prob, m.mask_length, m.mask_prob_adjust, m.inverse_mask, generator, device)
-
-    def num_masked(self, length: int) -> int:
-        return _block_num_masked(self.mcfg, length)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -304,9 +286,7 @@ class ConvFeatureExtractor(nn.Module):
         return x  # (B, C, T)
 
     def output_length(self, samples: int) -> int:
-        for _, k, s in self.spec:
-            samples = (samples - k) // s + 1
-        return samples
+        return masking.conv_output_length(self.spec, samples)
 
 
 def alibi_slopes(heads: int) -> list[float]:
@@ -361,9 +341,6 @@ class SpeechEncoder(ModalityEncoder):
     def local_features(self, source: torch.Tensor) -> torch.Tensor:
         return self.project_features(self._run_local(source))
 
-    def num_tokens(self, source_shape: tuple[int, ...]) -> int:
-        return self.local_encoder.output_length(source_shape[-1])
-
     def _positions(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         # Masked frames are zeroed before the conv positional net sees the full length (spec §2.1).
         x0 = x if mask is None or not self.mcfg.encoder_zero_mask else x * (~mask).unsqueeze(-1).to(x.dtype)
@@ -379,13 +356,6 @@ class SpeechEncoder(ModalityEncoder):
         dist = -(pos[:, :, None] - pos[:, None, :]).abs()
         bias = self.slopes.view(1, -1, 1, 1) * dist[:, None]
         return bias * self.alibi_scale.clamp_min(0).view(1, -1, 1, 1)
-
-    def make_mask(self, rows, length, device, generator=None) -> torch.Tensor:
-        m = self.mcfg
-        return masking.block_mask_1d(rows, length, m.mask_prob, m.mask_length, m.mask_prob_adjust, m.inverse_mask, generator, device)
-
-    def num_masked(self, length: int) -> int:
-        return _block_num_masked(self.mcfg, length)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -442,18 +412,10 @@ class TextEncoder(ModalityEncoder):
     def local_features(self, source: torch.Tensor) -> torch.Tensor:
         return self._run_local(source)
 
-    def num_tokens(self, source_shape: tuple[int, ...]) -> int:
-        return source_shape[-1]
-
     def padding_from_source(self, source: torch.Tensor) -> Optional[torch.Tensor]:
         pad = source.eq(self.mcfg.pad_idx)  # type: ignore[attr-defined]
         return pad
 
-    def make_mask(self, rows, length, device, generator=None) -> torch.Tensor:
-        return masking.random_mask(rows, length, self.mcfg.mask_prob, generator, device)
-
-    def num_masked(self, length: int) -> int:
-        return length - int(length * (1 - self.mcfg.mask_prob))
 
 
 ENCODERS = {"image": ImageEncoder, "speech": SpeechEncoder, "text": TextEncoder}

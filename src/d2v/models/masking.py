@@ -1,4 +1,4 @@
-"""Mask generators (spec §3). Convention: a bool tensor ``(rows, T)`` with True = masked.
+"""Mask generators and each modality's input geometry (token and masked counts). Convention: a bool tensor ``(rows, T)`` with True = masked.
 
 All three give *exactly* the same masked count in every row, which is what lets the student
 pack the visible tokens of all clones into one dense ``(B*M, K, D)`` tensor. They are
@@ -14,7 +14,7 @@ subset for all rows at once.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -107,3 +107,52 @@ def random_mask(
     mask = torch.ones(rows, length, dtype=torch.bool, device=device)
     mask.scatter_(1, ids_keep, False)
     return mask
+
+
+# ------------------------------------------------------------------------------ input geometry
+# One owner for "how many tokens does a sample become, and how many of them are masked": the
+# encoders and the data loaders (which draw masks in their workers) both call these.
+def conv_output_length(spec: list[tuple[int, int, int]], samples: int) -> int:
+    """Frames out of the speech CNN for ``samples`` input samples (no padding, as fairseq's
+    ``ConvFeatureExtractionModel``; its ``_get_feat_extract_output_lengths``)."""
+    for _, kernel, stride in spec:
+        samples = (samples - kernel) // stride + 1
+    return samples
+
+
+def num_tokens(modality: str, mcfg: Any, source_shape: tuple[int, ...]) -> int:
+    """How many tokens (patches, frames, ids) one sample of ``source_shape`` becomes."""
+    if modality == "image":
+        return (mcfg.input_size // mcfg.patch_size) ** 2
+    if modality == "speech":
+        from d2v.models.config import parse_conv_spec
+
+        return conv_output_length(parse_conv_spec(mcfg.feature_encoder_spec), source_shape[-1])
+    if modality == "text":
+        return source_shape[-1]
+    raise ValueError(f"unknown modality {modality!r}")
+
+
+def num_masked(modality: str, mcfg: Any, length: int) -> int:
+    """The exact masked count per row that :func:`make_mask` gives for ``length`` tokens."""
+    if modality == "text":
+        return length - int(length * (1 - mcfg.mask_prob))
+    # the block masks equalise to int(length * p) marked; an inverse mask marks the kept tokens
+    p = 1 - mcfg.mask_prob if mcfg.inverse_mask else mcfg.mask_prob
+    marked = int(length * p)
+    return length - marked if mcfg.inverse_mask else marked
+
+
+def make_mask(modality: str, mcfg: Any, rows: int, length: int, generator: Optional[torch.Generator] = None,
+              device: Optional[torch.device] = None) -> torch.Tensor:
+    """Masks of one modality's config (True = masked, the same count in every row): images get
+    inverse 2-D block masks, speech 1-D spans, text MAE-style random tokens."""
+    if modality == "image":
+        return block_mask_2d(rows, length, mcfg.mask_prob, mcfg.mask_length, mcfg.mask_prob_adjust,
+                             mcfg.inverse_mask, generator, device)
+    if modality == "speech":
+        return block_mask_1d(rows, length, mcfg.mask_prob, mcfg.mask_length, mcfg.mask_prob_adjust,
+                             mcfg.inverse_mask, generator, device)
+    if modality == "text":
+        return random_mask(rows, length, mcfg.mask_prob, generator, device)
+    raise ValueError(f"unknown modality {modality!r}")

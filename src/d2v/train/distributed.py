@@ -183,3 +183,65 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+# ------------------------------------------------------------------------------ training helpers
+def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """``DistributedDataParallel(model)`` in a world of several processes, else ``model`` itself.
+
+    Round robin means a step uses one modality encoder and the shared blocks, not the other
+    modalities' encoders, so DDP runs with ``find_unused_parameters=True``. The alternatives do
+    not fit: ``static_graph`` needs the same graph every step; one DDP wrapper per modality would
+    all-reduce the shared blocks' gradients in several bucket orders; and a dummy ``0 * p.sum()``
+    over unused parameters would hand AdamW zero gradients where a single process has ``None``
+    (weight decay and momentum would move those parameters). The teacher's parameters do not
+    require gradients, so DDP does not reduce them (it broadcasts them from rank 0 once, at wrap
+    time); ``update_teacher`` then moves identical copies on every rank.
+    """
+    if not info.distributed:
+        return model
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # No per-forward buffer broadcast (the buffers are identical: the EMA counter, fixed
+    # positions); newer torch spells it forward_sync_buffers. Both still sync at wrap time.
+    no_buf = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+              else {"broadcast_buffers": False})
+    return DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+               find_unused_parameters=True, **no_buf)
+
+
+def rank_loss(out: Any, world_size: int) -> torch.Tensor:
+    """This rank's share of the global-batch loss, scaled by W because DDP averages gradients.
+
+    The regression terms are summed over masked tokens and divided by the masked-token count of
+    the whole global batch; the image CLS term is a sum over instances (``* sample_size`` in the
+    model undoes the division), so it is taken as this rank's sum. In a world of one: ``out.loss``.
+    """
+    if world_size == 1:
+        return out.loss
+    local = out.sample_size.detach().float()
+    total = all_reduce_sum(local.clone()).clamp_min(1)
+    terms = out.loss_terms or {"regression": out.loss_sum}
+    cls = terms.get("cls")
+    tokens = sum(v for k, v in terms.items() if k != "cls")
+    loss = tokens * (world_size / total)
+    if cls is not None:
+        loss = loss + cls * (world_size / local.clamp_min(1))
+    return loss
+
+
+@torch.no_grad()
+def check_replicas(model: torch.nn.Module) -> None:
+    """Every rank must hold the same student, teacher and buffers: compare per-tensor sums."""
+    sd = model.state_dict()
+    names = list(sd)
+    fp = torch.stack([v.detach().double().sum() for v in sd.values()])
+    hi, lo = fp.clone(), fp.clone()
+    torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
+    bad = (hi != lo).nonzero().flatten().tolist()
+    if bad:
+        raise RuntimeError(f"DDP replicas diverged: {len(bad)} tensor(s) differ between ranks, e.g. "
+                           f"{', '.join(names[i] for i in bad[:5])}")

@@ -5,6 +5,8 @@ snippets), so fine-tuning draws its batches from tensors in memory: fast, exactl
 and the pretrained and random-init runs see identical batches. Shards are shuffled when they
 are written, so the first ``max_n`` labelled samples are a uniform subset.
 
+Decoding and normalisation are :mod:`d2v.data.transforms`, as in pretraining and ``d2v encode``:
+
 * image: PNG -> [0, 1] -> resized to the model's input size -> normalised as in pretraining;
 * speech: FLAC -> per-utterance standardised waveform -> centre-cropped or zero-padded to a
   fixed length; ``lengths`` keep the true sample counts (padding masks are built from them);
@@ -23,12 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from d2v.data.loaders import decode_audio, decode_image, eval_loader
+from d2v.data import transforms
+from d2v.data.loaders import eval_loader
 from d2v.data.shards import shard_dir, shard_urls
-from d2v.data.tokenizer import BOS, PAD
 from d2v.errors import InputError
-
-IMAGE_MEAN, IMAGE_STD = 0.2860, 0.3530  # Fashion-MNIST training pixels, as in pretraining
 
 
 @dataclass
@@ -77,15 +77,10 @@ def load_split(root: str | Path, modality: str, split: str, max_n: int = 0, *, i
                 continue
             key = s["__key__"]
             if modality == "image":
-                x = decode_image(s["png"], key)
-                if x.shape[-1] != image_size or x.shape[-2] != image_size:
-                    x = F.interpolate(x.unsqueeze(0), size=(image_size, image_size), mode="bilinear",
-                                      align_corners=False)[0]
-                if x.shape[0] != in_chans:
-                    x = x.mean(0, keepdim=True).expand(in_chans, -1, -1)
-                xs.append((x - IMAGE_MEAN) / IMAGE_STD)
+                x = transforms.decode_image(s["png"], f"sample {key}")
+                xs.append(transforms.image_tensor(x, image_size, in_chans))
             elif modality == "speech":
-                w = decode_audio(s["flac"], key, sample_rate)
+                w = transforms.decode_audio(s["flac"], f"sample {key}", sample_rate)
                 n = w.numel()
                 if n > target:  # centre crop: the word sits in the middle of its clip
                     start = (n - target) // 2
@@ -97,10 +92,8 @@ def load_split(root: str | Path, modality: str, split: str, max_n: int = 0, *, i
                 lengths.append(n)
                 texts.append(_transcript(s, key))
             else:
-                ids = np.concatenate([[BOS], np.asarray(s["ids.npy"], dtype=np.int64)])[:text_length]
-                row = torch.full((text_length,), PAD, dtype=torch.long)
-                row[: len(ids)] = torch.from_numpy(ids)
-                xs.append(row)
+                ids = transforms.text_ids(s["ids.npy"], text_length)
+                xs.append(transforms.pad_rows([ids], text_length)[0])
                 lengths.append(len(ids))
             labels.append(cls)
             keys.append(key)

@@ -1,0 +1,142 @@
+"""Decoding and normalisation of one sample, per modality: the one place that says what the model sees.
+
+Used by the pretraining loaders (:mod:`d2v.data.loaders`), the downstream splits
+(:mod:`d2v.data.downstream`) and ``d2v encode`` (:mod:`d2v.inference.encode`), so a picture, a clip
+or a line becomes the same tensor in all three.
+
+* image: PNG / uint8 array -> float ``(C, H, W)`` in [0, 1] -> resized to the model's size (bilinear)
+  -> grey/RGB matched to ``in_chans`` -> ``(x - mean) / std`` (Fashion-MNIST's training pixels by
+  default, harmless for other grey data); training adds a random-resized crop and a flip;
+* speech: FLAC/WAV -> mono float waveform at the model's sample rate -> per-utterance
+  standardisation (fairseq's ``normalize=True``: ``F.layer_norm`` over the whole clip);
+* text: ``<s>`` + token ids, cut at a length, right-padded with ``<pad>``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from typing import BinaryIO, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from d2v.data.tokenizer import BOS, PAD
+from d2v.errors import InputError
+
+IMAGE_MEAN, IMAGE_STD = 0.2860, 0.3530  # Fashion-MNIST training pixels
+
+
+# ---------------------------------------------------------------------------------- image
+def image_from_array(arr: np.ndarray) -> torch.Tensor:
+    """uint8 ``(H, W)`` or ``(H, W, C)`` -> float ``(C, H, W)`` in [0, 1]."""
+    x = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True)).div_(255)
+    return x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
+
+
+def decode_image(png: bytes, where: str = "") -> torch.Tensor:
+    """PNG bytes -> float ``(C, H, W)`` in [0, 1]; a corrupt file is an ``InputError`` naming ``where``."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(png)) as im:
+            arr = np.asarray(im)
+    except (OSError, UnidentifiedImageError) as e:
+        raise InputError(f"{where}: cannot decode image (corrupt PNG: {e})") from e
+    return image_from_array(arr)
+
+
+def resize_image(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of ``(C, H, W)`` to ``(C, size, size)`` (a no-op when it already is)."""
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    return F.interpolate(x.unsqueeze(0), size=(size, size), mode="bilinear", align_corners=False)[0]
+
+
+def match_channels(x: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """Grey <-> RGB as the model's ``in_chans`` asks (the mean over channels, repeated)."""
+    if x.shape[0] == in_chans or x.shape[0] not in (1, 3):
+        return x
+    return x.mean(0, keepdim=True).expand(in_chans, -1, -1)
+
+
+def normalize_image(x: torch.Tensor, mean: Union[float, Sequence[float]] = IMAGE_MEAN,
+                    std: Union[float, Sequence[float]] = IMAGE_STD) -> torch.Tensor:
+    """``(x - mean) / std``, per channel when ``mean``/``std`` are sequences."""
+    if isinstance(mean, (int, float)) and isinstance(std, (int, float)):
+        return (x - mean) / std
+    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    return ((x - m) / s).contiguous()
+
+
+def random_resized_crop(x: torch.Tensor, size: int, rng: random.Random, scale=(0.2, 1.0),
+                        ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """torchvision's ``RandomResizedCrop`` semantics on a (C, H, W) tensor, bilinear, from ``rng``
+    (a seeded ``random.Random``, so a loader stream stays a pure function of its seed)."""
+    _, h, w = x.shape
+    area = h * w
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        ar = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top, left = rng.randint(0, h - ch), rng.randint(0, w - cw)
+            x = x[:, top : top + ch, left : left + cw]
+            break
+    return F.interpolate(x.unsqueeze(0), size=(size, size), mode="bilinear", align_corners=False).squeeze(0)
+
+
+def image_tensor(x: torch.Tensor, size: int, in_chans: int, mean=IMAGE_MEAN, std=IMAGE_STD) -> torch.Tensor:
+    """Evaluation view of a decoded image: resized, channels matched, normalised."""
+    return normalize_image(match_channels(resize_image(x, size), in_chans), mean, std)
+
+
+# ---------------------------------------------------------------------------------- speech
+def read_audio(src: Union[str, BinaryIO, bytes], where: str, sample_rate: int) -> torch.Tensor:
+    """A sound file (path, file object or bytes) -> mono float32 waveform ``(samples,)``.
+
+    ``InputError`` naming ``where`` when it cannot be decoded, has another sample rate (we never
+    resample silently) or holds NaN/Inf samples (float WAV/AIFF can).
+    """
+    import soundfile as sf
+
+    if isinstance(src, (bytes, bytearray)):
+        src = io.BytesIO(src)
+    try:
+        wav, sr = sf.read(src, dtype="float32", always_2d=True)
+    except Exception as e:  # noqa: BLE001 - libsndfile raises several types
+        raise InputError(f"{where}: cannot decode audio: {e}") from e
+    if sr != sample_rate:
+        raise InputError(f"{where}: sample rate {sr} Hz, the model expects {sample_rate} Hz (resample it first)")
+    if not np.isfinite(wav).all():
+        raise InputError(f"{where}: {int((~np.isfinite(wav)).sum())} NaN/Inf samples in the audio")
+    return torch.from_numpy(wav.mean(axis=1))
+
+
+def normalize_audio(x: torch.Tensor) -> torch.Tensor:
+    """Per-utterance standardisation (fairseq's ``normalize=True``)."""
+    return F.layer_norm(x, x.shape)
+
+
+def decode_audio(flac: bytes, where: str = "", sample_rate: int = 16000) -> torch.Tensor:
+    """A shard's FLAC bytes -> the standardised mono waveform the model is trained on."""
+    return normalize_audio(read_audio(flac, where, sample_rate))
+
+
+# ---------------------------------------------------------------------------------- text
+def text_ids(ids: Sequence[int], length: int) -> np.ndarray:
+    """``<s>`` + ids, cut at ``length`` (fairseq's ``PrependTokenDataset`` + truncation)."""
+    return np.concatenate([[BOS], np.asarray(ids, dtype=np.int64)])[:length].astype(np.int64)
+
+
+def pad_rows(rows: Sequence[Union[np.ndarray, torch.Tensor]], length: int = 0) -> torch.Tensor:
+    """Right-pad id rows with ``<pad>`` into one ``(N, T)`` long tensor; ``T`` = ``length`` or the longest."""
+    t = length or max(len(r) for r in rows)
+    src = torch.full((len(rows), t), PAD, dtype=torch.long)
+    for i, r in enumerate(rows):
+        r = torch.as_tensor(r, dtype=torch.long)[:t]
+        src[i, : len(r)] = r
+    return src
