@@ -42,7 +42,10 @@ def test_params_yaml_is_the_pipeline_composition(tmp_path):
     compose_and_dump(out, str(PROJECT_ROOT / "conf"), None, "pipeline", str(PROJECT_ROOT), [])
     assert on_disk == yaml.safe_load(out.read_text()), stale
     assert to_dict(from_dict(on_disk)) == to_dict(load_config([], config_name="pipeline"))
-    assert to_dict(from_dict(on_disk)) == to_dict(load_config(["experiment=tiny"]))  # the same experiment, by name
+    # the same experiment, by name; only where it writes differs (conf/config.yaml: runs/, never the DVC outputs)
+    pipeline_paths = ["train.out_dir=models/pretrain", "finetune.init=models/pretrain/checkpoint.pt",
+                      "finetune.out_dir=models/finetune"]
+    assert to_dict(from_dict(on_disk)) == to_dict(load_config(["experiment=tiny", *pipeline_paths]))
 
 
 @pytest.mark.parametrize(
@@ -105,7 +108,93 @@ def test_missing_config_dir(tmp_path: Path):
         load_config([], config_dir=tmp_path)
 
 
-def test_overriding_a_key_the_yaml_does_not_set_explains_the_plus():
-    with pytest.raises(ConfigError, match=r"\+model.collapse_check_after"):
-        load_config(["model.collapse_check_after=0"])
-    assert load_config(["+model.collapse_check_after=7"]).model.collapse_check_after == 7
+def test_every_dataclass_field_overrides_without_a_plus(tmp_path):
+    """A field the YAML leaves at its default is set like any other (the README's
+    `train.track=false`); the result is what `dvc exp run -S +key=value` writes, nothing more."""
+    cfg = load_config(["model.collapse_check_after=0", "train.track=false", "train.threads=2",
+                       "model.image.inverse_mask=false", "model.speech.decoder.projection_ratio=3.0"])
+    assert (cfg.model.collapse_check_after, cfg.train.track, cfg.train.threads) == (0, False, 2)
+    assert cfg.model.image.inverse_mask is False and cfg.model.speech.decoder.projection_ratio == 3.0
+    assert load_config(["+model.collapse_check_after=7"]).model.collapse_check_after == 7  # the explicit form still works
+    from dvc.utils.hydra import compose_and_dump
+
+    from d2v.config import compose_dict
+
+    out = tmp_path / "params.yaml"
+    compose_and_dump(out, str(PROJECT_ROOT / "conf"), None, "pipeline", str(PROJECT_ROOT), ["+train.track=false"])
+    assert compose_dict(["train.track=false"], config_name="pipeline") == yaml.safe_load(out.read_text())
+
+
+def test_an_override_that_is_no_field_or_has_no_section_is_refused():
+    with pytest.raises(ConfigError, match=r"train\.made_up is not a config field"):
+        load_config(["train.made_up=1"])
+    # speech_base has no image encoder: setting model.image.* must not quietly configure one
+    with pytest.raises(ConfigError, match=r"model\.image is not configured"):
+        load_config(["experiment=speech_base", "model.image.mask_prob=0.5"])
+
+
+def test_each_section_validates_itself():
+    import dataclasses
+
+    from d2v.config import Config, DataConfig, FinetuneConfig, TaskConfig, TrainConfig
+    from d2v.models.config import DecoderConfig, ImageConfig, ModelConfig, SpeechConfig, TextConfig
+
+    def sections(cls):
+        yield cls
+        for f in dataclasses.fields(cls):
+            t = cls.__dataclass_fields__[f.name].default_factory if f.default_factory is not dataclasses.MISSING else None
+            if isinstance(t, type) and dataclasses.is_dataclass(t):
+                yield from sections(t)
+
+    for cls in [*sections(Config), ImageConfig, SpeechConfig, TextConfig, DecoderConfig]:
+        assert "validate" in vars(cls) or cls in (SpeechConfig, TextConfig), f"{cls.__name__} has no validate()"
+    cases = [
+        (lambda: TrainConfig(lr=-1).validate(), "train.lr"),
+        (lambda: TrainConfig(modalities=["video"]).validate(), "train.modalities"),
+        (lambda: DataConfig(source="web").validate(), "data.source"),
+        (lambda: DataConfig().validate() and DataConfig(shard=dataclasses.replace(DataConfig().shard, maxcount=0)).validate(),
+         "data.shard.maxcount"),
+        (lambda: TaskConfig(head="ctc").validate("image"), "finetune.image.head"),
+        (lambda: TaskConfig(probe_c=0).validate("text"), "finetune.text.probe_c"),
+        (lambda: FinetuneConfig(tasks=["video"]).validate(), "finetune.tasks"),
+        (lambda: ModelConfig(image=ImageConfig(patch_size=5)).validate(), "model.image.input_size"),
+        (lambda: ModelConfig(text=TextConfig(decoder=DecoderConfig(decoder_groups=5))).validate(), "model.text.decoder.decoder_groups"),
+    ]
+    for fn, key in cases:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            fn()
+    # the one check across sections: a trained modality needs its encoder
+    with pytest.raises(ConfigError, match=r"train\.modalities: 'speech' is trained but model\.speech is not configured"):
+        load_config(["experiment=image_base", "train.modalities=[speech]"])
+
+
+def _pretrain_stage_outputs() -> dict[str, list[str]]:
+    stage = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]["pretrain"]
+    names = lambda items: [next(iter(i)) if isinstance(i, dict) else i for i in items]  # noqa: E731
+    return {k: names(stage.get(k, [])) for k in ("outs", "metrics", "plots")}
+
+
+def test_a_bare_pretrain_writes_under_runs_and_the_stage_writes_the_dvc_outputs(tmp_path, monkeypatch):
+    """`d2v pretrain` with no arguments must not overwrite the pipeline's DVC outputs; with
+    --params (what the stage runs) it writes exactly them."""
+    import subprocess
+
+    from d2v.cli.pretrain import main, report_paths
+
+    stage = _pretrain_stage_outputs()
+    dvc_outs = [*stage["outs"], *stage["metrics"], *stage["plots"]]
+    assert {"models/pretrain", "reports/metrics/pretrain.json", "reports/plots/pretrain_loss.tsv"} <= set(dvc_outs)
+    bare = load_config()
+    written = [bare.train.out_dir, *map(str, report_paths(bare, False, None, None))]
+    assert all(Path(p).parts[0] == "runs" for p in written), written
+    assert not any(Path(w).is_relative_to(o) or Path(o).is_relative_to(w) for w in written for o in dvc_outs)
+    assert subprocess.run(["git", "check-ignore", "-q", "runs/pretrain/checkpoint.pt"], cwd=PROJECT_ROOT).returncode == 0
+    staged = from_dict(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text()))
+    assert staged.train.out_dir in stage["outs"]
+    assert [str(p) for p in report_paths(staged, True, None, None)] == [*stage["metrics"], *stage["plots"]]
+    # and for real, from a project-like folder: only runs/ appears
+    monkeypatch.chdir(tmp_path)
+    assert main(["train.max_steps=1", "train.modalities=[image]", "train.track=false", "train.batch_size=4",
+                 "data.num_samples=8", "--no-progress"]) == 0
+    assert {p.name for p in (tmp_path / "runs/pretrain").iterdir()} >= {"checkpoint.pt", "metrics.json", "loss.tsv"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]

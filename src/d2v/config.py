@@ -8,14 +8,16 @@ wrong types fail with the key's full name) and validates the values.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from d2v.models.config import MODALITIES, ConfigError, ModelConfig
+from d2v.models.config import need as _need
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,6 +50,30 @@ class TrainConfig:
     track: bool = True  # log params, per-step metrics and artifacts to MLflow (see d2v.tracking)
     out_dir: str = "models/pretrain"
 
+    def validate(self) -> TrainConfig:
+        _need(len(self.modalities) > 0, "train.modalities", "list at least one modality")
+        for m in self.modalities:
+            _need(m in MODALITIES, "train.modalities", f"unknown modality {m!r}; expected {', '.join(MODALITIES)}")
+        _need(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        _need(self.ckpt_every >= 0, "train.ckpt_every", f"must be >= 0, got {self.ckpt_every}")
+        _need(self.max_steps >= 1, "train.max_steps", f"must be >= 1, got {self.max_steps}")
+        _need(0 <= self.warmup_steps, "train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _need(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
+              f"two values in [0, 1), got {self.betas}")
+        _need(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _need(self.precision in ("auto", "fp32", "bf16"), "train.precision", f"auto|fp32|bf16, got {self.precision!r}")
+        # ranges that would otherwise fail late (in a data loader, the optimizer) or not at all
+        _need(self.eps > 0, "train.eps", f"must be > 0, got {self.eps}")
+        _need(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _need(0 <= self.min_lr <= self.lr, "train.min_lr", f"must be in [0, train.lr={self.lr}], got {self.min_lr}")
+        _need(self.clip_norm >= 0, "train.clip_norm", f"must be >= 0 (0: no clipping), got {self.clip_norm}")
+        _need(self.threads >= 0, "train.threads", f"must be >= 0 (0: torch default), got {self.threads}")
+        _need(self.log_every >= 0, "train.log_every", f"must be >= 0, got {self.log_every}")
+        _need(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), "train.device",
+              f"auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        return self
+
     def per_rank_batch(self, world_size: int) -> int:
         """``batch_size / world_size``: each process's share of the global batch."""
         if world_size < 1:
@@ -71,6 +97,13 @@ class ImageDataConfig:
     val_count: int = 5000  # held out from the official train split (seeded); test = the official test split
     max_train: int = 0  # 0: all
 
+    def validate(self) -> ImageDataConfig:
+        _need(self.dataset in ("fashion_mnist", "imagenet_folder"), "data.image.dataset",
+              f"fashion_mnist|imagenet_folder, got {self.dataset!r}")
+        _need(self.val_count >= 0, "data.image.val_count", f"must be >= 0, got {self.val_count}")
+        _need(self.max_train >= 0, "data.image.max_train", f"must be >= 0 (0: all), got {self.max_train}")
+        return self
+
 
 @dataclass
 class SpeechDataConfig:
@@ -88,6 +121,12 @@ class SpeechDataConfig:
     sample_rate: int = 16000
     subsets: list[str] = field(default_factory=lambda: ["train-clean-100", "dev-clean", "test-clean"])  # librispeech
 
+    def validate(self) -> SpeechDataConfig:
+        _need(self.dataset in ("espeak_words", "librispeech"), "data.speech.dataset",
+              f"espeak_words|librispeech, got {self.dataset!r}")
+        _need(self.sample_rate > 0, "data.speech.sample_rate", f"must be > 0 Hz, got {self.sample_rate}")
+        return self
+
 
 @dataclass
 class TextDataConfig:
@@ -100,11 +139,25 @@ class TextDataConfig:
     val_fraction: float = 0.05
     test_fraction: float = 0.05
 
+    def validate(self) -> TextDataConfig:
+        _need(self.dataset in ("kjv_rt", "wikitext103"), "data.text.dataset", f"kjv_rt|wikitext103, got {self.dataset!r}")
+        for name in ("val_fraction", "test_fraction"):
+            v = getattr(self, name)
+            _need(0 <= v < 1, f"data.text.{name}", f"must be in [0, 1), got {v}")
+        _need(0 <= self.min_chars <= self.max_chars, "data.text.min_chars",
+              f"need 0 <= min_chars <= max_chars, got {self.min_chars} / {self.max_chars}")
+        return self
+
 
 @dataclass
 class ShardConfig:
     maxcount: int = 2000  # samples per shard
     min_shards: int = 4  # at least ranks x loader workers
+
+    def validate(self) -> ShardConfig:
+        _need(self.maxcount >= 1, "data.shard.maxcount", "must be >= 1")
+        _need(self.min_shards >= 1, "data.shard.min_shards", f"must be >= 1, got {self.min_shards}")
+        return self
 
 
 @dataclass
@@ -112,6 +165,14 @@ class TokenizerConfig:
     vocab_size: int = 4000
     model_type: str = "unigram"
     character_coverage: float = 1.0
+
+    def validate(self) -> TokenizerConfig:
+        _need(self.vocab_size >= 16, "data.tokenizer.vocab_size", "must be >= 16")
+        _need(self.model_type in ("unigram", "bpe", "char", "word"), "data.tokenizer.model_type",
+              f"unigram|bpe|char|word, got {self.model_type!r}")
+        _need(0 < self.character_coverage <= 1, "data.tokenizer.character_coverage",
+              f"must be in (0, 1], got {self.character_coverage}")
+        return self
 
 
 @dataclass
@@ -130,6 +191,16 @@ class DataConfig:
     text: TextDataConfig = field(default_factory=TextDataConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    def validate(self) -> DataConfig:
+        _need(self.source in ("sample", "shards"), "data.source", f"unknown source {self.source!r}")
+        _need(self.num_samples >= 1, "data.num_samples", f"must be >= 1, got {self.num_samples}")
+        _need(self.audio_seconds > 0, "data.audio_seconds", f"must be > 0, got {self.audio_seconds}")
+        _need(self.text_length >= 2, "data.text_length", f"must be >= 2 (<s> + one token), got {self.text_length}")
+        _need(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        for section in (self.image, self.speech, self.text, self.shard, self.tokenizer):
+            section.validate()
+        return self
 
 
 @dataclass
@@ -163,6 +234,23 @@ class TaskConfig:
     probe_max_train: int = 10000  # linear probe: training samples for the logistic regression
     probe_c: float = 1.0  # inverse L2 strength of the probe's logistic regression
 
+    def validate(self, task: str) -> TaskConfig:
+        """``task`` is the section's name (``finetune.<task>``): ``ctc`` is for speech only."""
+        k = f"finetune.{task}"
+        _need(self.head in ("classify", "ctc"), f"{k}.head", f"must be 'classify' or 'ctc', got {self.head!r}")
+        _need(self.head != "ctc" or task == "speech", f"{k}.head", "'ctc' (letter targets) is for the speech task only")
+        _need(self.pool_norm in ("layer", "batch"), f"{k}.pool_norm", f"must be 'layer' or 'batch', got {self.pool_norm!r}")
+        _need(self.steps >= 1, f"{k}.steps", f"must be >= 1, got {self.steps}")
+        _need(self.batch_size >= 1, f"{k}.batch_size", f"must be >= 1, got {self.batch_size}")
+        _need(self.lr > 0, f"{k}.lr", f"must be > 0, got {self.lr}")
+        _need(0 < self.layer_decay <= 1, f"{k}.layer_decay", f"must be in (0, 1], got {self.layer_decay}")
+        _need(0 <= self.label_smoothing < 1, f"{k}.label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+        _need(self.eval_split in ("val", "test"), f"{k}.eval_split", f"val|test, got {self.eval_split!r}")
+        _need(self.audio_seconds > 0, f"{k}.audio_seconds", f"must be > 0, got {self.audio_seconds}")
+        _need(self.text_length >= 2, f"{k}.text_length", f"must be >= 2, got {self.text_length}")
+        _need(self.probe_c > 0, f"{k}.probe_c", f"must be > 0, got {self.probe_c}")
+        return self
+
 
 @dataclass
 class FinetuneConfig:
@@ -179,6 +267,13 @@ class FinetuneConfig:
     track: bool = True
     registry_prefix: str = "d2v"  # registered names: <prefix>-encoder, <prefix>-<task>-classifier
 
+    def validate(self) -> FinetuneConfig:
+        for task in self.tasks:
+            _need(task in MODALITIES, "finetune.tasks", f"unknown task {task!r}; expected {', '.join(MODALITIES)}")
+        for task in MODALITIES:  # every section, listed in tasks or not: a bad value fails now, not later
+            getattr(self, task).validate(task)
+        return self
+
 
 @dataclass
 class Config:
@@ -188,79 +283,15 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
+        """Each section checks its own fields (the message names the key); only the checks that
+        span sections are made here."""
         self.model.validate()
-        t = self.train
-
-        def need(cond: bool, name: str, msg: str) -> None:
-            if not cond:
-                raise ConfigError(f"{name}: {msg}")
-
-        need(len(t.modalities) > 0, "train.modalities", "list at least one modality")
-        for m in t.modalities:
-            need(m in MODALITIES, "train.modalities", f"unknown modality {m!r}; expected {', '.join(MODALITIES)}")
-            need(getattr(self.model, m) is not None, "train.modalities", f"{m!r} is trained but model.{m} is not configured")
-        need(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
-        need(t.ckpt_every >= 0, "train.ckpt_every", f"must be >= 0, got {t.ckpt_every}")
-        need(t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
-        need(0 <= t.warmup_steps, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
-        need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
-        need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", f"two values in [0, 1), got {t.betas}")
-        need(t.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {t.grad_accum}")
-        need(t.precision in ("auto", "fp32", "bf16"), "train.precision", f"auto|fp32|bf16, got {t.precision!r}")
-        need(self.data.source in ("sample", "shards"), "data.source", f"unknown source {self.data.source!r}")
-        need(self.data.image.dataset in ("fashion_mnist", "imagenet_folder"), "data.image.dataset",
-             f"fashion_mnist|imagenet_folder, got {self.data.image.dataset!r}")
-        need(self.data.speech.dataset in ("espeak_words", "librispeech"), "data.speech.dataset",
-             f"espeak_words|librispeech, got {self.data.speech.dataset!r}")
-        need(self.data.text.dataset in ("kjv_rt", "wikitext103"), "data.text.dataset",
-             f"kjv_rt|wikitext103, got {self.data.text.dataset!r}")
-        need(self.data.shard.maxcount >= 1, "data.shard.maxcount", "must be >= 1")
-        need(self.data.tokenizer.vocab_size >= 16, "data.tokenizer.vocab_size", "must be >= 16")
-        # ranges that would otherwise fail late (in a data loader, the optimizer) or not at all
-        need(t.eps > 0, "train.eps", f"must be > 0, got {t.eps}")
-        need(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
-        need(0 <= t.min_lr <= t.lr, "train.min_lr", f"must be in [0, train.lr={t.lr}], got {t.min_lr}")
-        need(t.clip_norm >= 0, "train.clip_norm", f"must be >= 0 (0: no clipping), got {t.clip_norm}")
-        need(t.threads >= 0, "train.threads", f"must be >= 0 (0: torch default), got {t.threads}")
-        need(t.log_every >= 0, "train.log_every", f"must be >= 0, got {t.log_every}")
-        need(t.device == "auto" or t.device.split(":")[0] in ("cpu", "cuda", "mps"), "train.device",
-             f"auto, cpu, cuda, cuda:N or mps, got {t.device!r}")
-        d = self.data
-        need(d.num_samples >= 1, "data.num_samples", f"must be >= 1, got {d.num_samples}")
-        need(d.audio_seconds > 0, "data.audio_seconds", f"must be > 0, got {d.audio_seconds}")
-        need(d.text_length >= 2, "data.text_length", f"must be >= 2 (<s> + one token), got {d.text_length}")
-        need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
-        need(d.shard.min_shards >= 1, "data.shard.min_shards", f"must be >= 1, got {d.shard.min_shards}")
-        need(d.tokenizer.model_type in ("unigram", "bpe", "char", "word"), "data.tokenizer.model_type",
-             f"unigram|bpe|char|word, got {d.tokenizer.model_type!r}")
-        need(0 < d.tokenizer.character_coverage <= 1, "data.tokenizer.character_coverage",
-             f"must be in (0, 1], got {d.tokenizer.character_coverage}")
-        need(d.speech.sample_rate > 0, "data.speech.sample_rate", f"must be > 0 Hz, got {d.speech.sample_rate}")
-        need(d.image.val_count >= 0, "data.image.val_count", f"must be >= 0, got {d.image.val_count}")
-        need(d.image.max_train >= 0, "data.image.max_train", f"must be >= 0 (0: all), got {d.image.max_train}")
-        for name in ("val_fraction", "test_fraction"):
-            v = getattr(d.text, name)
-            need(0 <= v < 1, f"data.text.{name}", f"must be in [0, 1), got {v}")
-        need(0 <= d.text.min_chars <= d.text.max_chars, "data.text.min_chars",
-             f"need 0 <= min_chars <= max_chars, got {d.text.min_chars} / {d.text.max_chars}")
-        for task in self.finetune.tasks:
-            need(task in MODALITIES, "finetune.tasks", f"unknown task {task!r}; expected {', '.join(MODALITIES)}")
-        for task in MODALITIES:
-            tc: TaskConfig = getattr(self.finetune, task)
-            k = f"finetune.{task}"
-            need(tc.head in ("classify", "ctc"), f"{k}.head", f"must be 'classify' or 'ctc', got {tc.head!r}")
-            need(tc.head != "ctc" or task == "speech", f"{k}.head", "'ctc' (letter targets) is for the speech task only")
-            need(tc.pool_norm in ("layer", "batch"), f"{k}.pool_norm", f"must be 'layer' or 'batch', got {tc.pool_norm!r}")
-            need(tc.steps >= 1, f"{k}.steps", f"must be >= 1, got {tc.steps}")
-            need(tc.batch_size >= 1, f"{k}.batch_size", f"must be >= 1, got {tc.batch_size}")
-            need(tc.lr > 0, f"{k}.lr", f"must be > 0, got {tc.lr}")
-            need(0 < tc.layer_decay <= 1, f"{k}.layer_decay", f"must be in (0, 1], got {tc.layer_decay}")
-            need(0 <= tc.label_smoothing < 1, f"{k}.label_smoothing", f"must be in [0, 1), got {tc.label_smoothing}")
-            need(tc.eval_split in ("val", "test"), f"{k}.eval_split", f"val|test, got {tc.eval_split!r}")
-            need(tc.audio_seconds > 0, f"{k}.audio_seconds", f"must be > 0, got {tc.audio_seconds}")
-            need(tc.text_length >= 2, f"{k}.text_length", f"must be >= 2, got {tc.text_length}")
-            need(tc.probe_c > 0, f"{k}.probe_c", f"must be > 0, got {tc.probe_c}")
+        self.train.validate()
+        for m in self.train.modalities:
+            _need(getattr(self.model, m) is not None, "train.modalities", f"{m!r} is trained but model.{m} is not configured")
+        self.data.validate()
+        self.finetune.validate()
         return self
 
 
@@ -268,36 +299,152 @@ def conf_dir() -> Path:
     return Path(os.environ.get("D2V_CONF_DIR", PROJECT_ROOT / "conf"))
 
 
-def load_config(overrides: Sequence[str] = (), config_name: str = "config", config_dir: Optional[Path] = None) -> Config:
+def load_config(overrides: Sequence[str] = (), config_name: str = "config", config_dir: Path | None = None) -> Config:
     """Compose ``conf/<config_name>.yaml`` with Hydra overrides into a validated ``Config``."""
     return from_dict(compose_dict(overrides, config_name, config_dir))
 
 
 def compose_dict(overrides: Sequence[str] = (), config_name: str = "config",
-                 config_dir: Optional[Path] = None) -> dict[str, Any]:
-    """The plain Hydra composition (what DVC writes to params.yaml on `dvc exp run`), not validated."""
+                 config_dir: Path | None = None) -> dict[str, Any]:
+    """The plain Hydra composition (what DVC writes to params.yaml on `dvc exp run`), not validated.
+
+    Every field of the dataclasses can be overridden, also one the YAML files leave at its default
+    (``train.track=false``): such an override is added as Hydra's ``+key=value`` would add it, so the
+    result is what ``dvc exp run -S +key=value`` writes. A key that is no field stays an error, and so
+    does a key inside a model section the composed config does not configure (``model.image.*``
+    without an image encoder): adding it would configure that modality behind the user's back."""
     import yaml
-    from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
     cdir = Path(config_dir or conf_dir()).resolve()
     if not (cdir / f"{config_name}.yaml").is_file():
         raise ConfigError(f"config {config_name!r} not found in {cdir}")
+    overrides = list(overrides)
     try:
-        with initialize_config_dir(config_dir=str(cdir), version_base="1.3"):
-            composed = compose(config_name=config_name, overrides=list(overrides))
+        try:
+            composed = _hydra_compose(cdir, config_name, overrides)
+        except HydraException:
+            added = _add_schema_keys(cdir, config_name, overrides)
+            if added == overrides:
+                raise
+            composed = _hydra_compose(cdir, config_name, added)
     except HydraException as e:
-        raise ConfigError(f"cannot compose config: {e}") from e
+        raise ConfigError(f"cannot compose config: {e}{_unconfigured_hint(cdir, config_name, overrides)}") from e
     except yaml.YAMLError as e:  # the message names the file, line and column
         raise ConfigError(f"cannot compose config: a YAML file in {cdir} is not valid: {e}") from e
     except UnicodeDecodeError as e:
         bad = next((str(f) for f in sorted(cdir.rglob("*.y*ml")) if not _is_utf8(f)), f"a file in {cdir}")
         raise ConfigError(f"cannot compose config: {bad} is not UTF-8 text ({e.reason} at byte {e.start})") from e
-    except OmegaConfBaseException as e:  # e.g. overriding a key the YAML files do not set
+    except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or ""
         hint = f" (a field the YAML does not set is added with a leading '+': +{key}=...)" if key else ""
         raise ConfigError(f"{key}: {str(e).splitlines()[0]}{hint}") from e
     return OmegaConf.to_container(composed, resolve=True)  # type: ignore[return-value]
+
+
+def _hydra_compose(cdir: Path, config_name: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(cdir), version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides)
+
+
+def _schema_path(key: str) -> list[bool] | None:
+    """If the dotted ``key`` names a field of ``Config`` (through nested sections), whether each
+    part of its path is an optional section (``model.image``: absent unless configured); else None."""
+    import dataclasses
+    import types
+    import typing
+
+    cls: Any = Config
+    optional: list[bool] = []
+    for part in key.split("."):
+        if cls is None or not dataclasses.is_dataclass(cls):
+            return None
+        hints = typing.get_type_hints(cls)
+        if part not in {f.name for f in dataclasses.fields(cls)}:
+            return None
+        tp = hints[part]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        is_opt = typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) < len(typing.get_args(tp))
+        optional.append(is_opt)
+        inner = args[0] if is_opt else tp
+        cls = inner if dataclasses.is_dataclass(inner) else None
+    return optional
+
+
+def _value_overrides(cdir: Path, overrides: list[str]):
+    """``(index, Override)`` of the plain ``key=value`` overrides that set a value, not a group."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [(i, o) for i, o in enumerate(parsed)
+            if not (o.is_add() or o.is_force_add() or o.is_delete()) and o.package is None
+            and not (cdir / o.key_or_group.replace(".", "/")).is_dir()]
+
+
+def _group_base(cdir: Path, config_name: str, overrides: list[str], values: list) -> dict | None:
+    """The composition with the group choices only (the nodes the value overrides apply to)."""
+    skip = {i for i, _ in values}
+    try:
+        base = _hydra_compose(cdir, config_name, [o for i, o in enumerate(overrides) if i not in skip])
+    except Exception:  # noqa: BLE001 - the full composition reports it
+        return None
+    return OmegaConf.to_container(base, resolve=False)  # type: ignore[return-value]
+
+
+def _missing_at(base: dict, key: str) -> int | None:
+    """Index of the first part of ``key`` that ``base`` lacks (None: the key is there)."""
+    node: Any = base
+    for i, part in enumerate(key.split(".")):
+        if not isinstance(node, dict) or part not in node:
+            return i
+        node = node[part]
+    return None
+
+
+def _add_schema_keys(cdir: Path, config_name: str, overrides: list[str]) -> list[str]:
+    """``overrides`` with ``key=value`` turned into ``+key=value`` where the key is a dataclass
+    field the YAML leaves out, inside sections that exist (see ``compose_dict``)."""
+    try:
+        values = _value_overrides(cdir, overrides)
+    except Exception:  # noqa: BLE001 - a syntax error: the composition reports it
+        return overrides
+    values = [(i, o) for i, o in values if _schema_path(o.key_or_group) is not None]
+    base = _group_base(cdir, config_name, overrides, values) if values else None
+    if base is None:
+        return overrides
+    out = list(overrides)
+    for i, o in values:
+        key = o.key_or_group
+        at = _missing_at(base, key)
+        optional = _schema_path(key) or []
+        # intermediate sections that are missing must be ones every config has (not model.image)
+        if at is not None and not any(optional[at:-1]):
+            out[i] = "+" + overrides[i].lstrip()
+    return out
+
+
+def _unconfigured_hint(cdir: Path, config_name: str, overrides: list[str]) -> str:
+    """Why an override failed: its key is no field, or the section that holds it is not configured."""
+    try:
+        values = _value_overrides(cdir, overrides)
+        unknown = [o.key_or_group for _, o in values if _schema_path(o.key_or_group) is None]
+        values = [(i, o) for i, o in values if _schema_path(o.key_or_group) is not None]
+        base = _group_base(cdir, config_name, overrides, values) if values else None
+    except Exception:  # noqa: BLE001
+        return ""
+    if unknown:
+        return f"\n({unknown[0]} is not a config field, nor a config group in {cdir}; check the spelling)"
+    for _, o in values if base is not None else []:
+        key = o.key_or_group
+        at = _missing_at(base, key)  # type: ignore[arg-type]
+        optional = _schema_path(key) or []
+        if at is not None and any(optional[at:-1]):
+            section = ".".join(key.split(".")[: at + 1])
+            return (f"\n({section} is not configured in this composition, so {key} has nothing to change; "
+                    f"choose a config that has it, e.g. model=tiny)")
+    return ""
 
 
 def _is_utf8(path: Path) -> bool:

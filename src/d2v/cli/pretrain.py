@@ -1,9 +1,16 @@
 """``d2v pretrain``: self-supervised pretraining (DVC stage ``pretrain``).
 
+Two defaults, on purpose (README "Configs"):
+  d2v pretrain                       conf/config.yaml: small BUILT-IN data (data=sample, no data
+                                     stages needed), writes runs/pretrain/ (checkpoint.pt,
+                                     metrics.json, loss.tsv): never the pipeline's DVC outputs
+  d2v pretrain --params params.yaml  what `dvc repro` runs (conf/pipeline.yaml): the data stages'
+                                     SHARDS (data=default), writes models/pretrain/,
+                                     reports/metrics/pretrain.json, reports/plots/pretrain_loss.tsv
+
 Examples:
-  d2v pretrain                                 # conf/ defaults: the tiny model on built-in data
   d2v pretrain experiment=tiny train.max_steps=30 train.modalities=[image]
-  d2v pretrain --params params.yaml            # what `dvc repro` runs
+  d2v pretrain data=default train.track=false  # the pipeline's data (after the data stages), untracked
   d2v pretrain --params params.yaml --resume   # continue from models/pretrain/checkpoint.pt
   d2v pretrain --resume-from run1/checkpoint.pt train.out_dir=run2
 
@@ -20,6 +27,19 @@ from pathlib import Path
 
 from d2v.cli.common import add_config_args, config_from_args, run_cli
 
+# The `pretrain` stage's metrics and plots in dvc.yaml: written only when asked to (--params, as the
+# stage runs it, or these flags), so a quick run from the project root leaves the pipeline's alone.
+STAGE_METRICS = Path("reports/metrics/pretrain.json")
+STAGE_HISTORY = Path("reports/plots/pretrain_loss.tsv")
+
+
+def report_paths(cfg, from_params: bool, metrics: Path | None, history: Path | None) -> tuple[Path, Path]:
+    """Where the metrics JSON and loss TSV go: the flags; else, for ``--params`` (the DVC stage), the
+    stage's outputs; else next to the checkpoint in ``train.out_dir``."""
+    out = Path(cfg.train.out_dir)
+    default_m, default_h = (STAGE_METRICS, STAGE_HISTORY) if from_params else (out / "metrics.json", out / "loss.tsv")
+    return metrics or default_m, history or default_h
+
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="d2v pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,15 +49,19 @@ def main(argv: list[str]) -> int:
     p.add_argument("--resume-from", type=Path, default=None, metavar="CHECKPOINT",
                    help="continue from this checkpoint file (an error if it does not exist)")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
-    p.add_argument("--metrics", type=Path, default=Path("reports/metrics/pretrain.json"), help="metrics JSON output")
-    p.add_argument("--history", type=Path, default=Path("reports/plots/pretrain_loss.tsv"), help="per-step TSV output")
+    p.add_argument("--metrics", type=Path, default=None,
+                   help=f"metrics JSON output (default: with --params {STAGE_METRICS}, the DVC stage's; "
+                        "otherwise <train.out_dir>/metrics.json)")
+    p.add_argument("--history", type=Path, default=None,
+                   help=f"per-step TSV output (default: with --params {STAGE_HISTORY}; otherwise <train.out_dir>/loss.tsv)")
     ns = p.parse_intermixed_args(argv)
 
     def run() -> int:
         from d2v.train.pretrain import pretrain
 
         cfg = config_from_args(ns)
-        res = pretrain(cfg, resume=ns.resume_from or ns.resume, progress=not ns.no_progress, metrics_path=ns.metrics, history_path=ns.history)
+        metrics, history = report_paths(cfg, ns.params is not None, ns.metrics, ns.history)
+        res = pretrain(cfg, resume=ns.resume_from or ns.resume, progress=not ns.no_progress, metrics_path=metrics, history_path=history)
         if os.environ.get("RANK", "0") == "0":  # once under torchrun (rank 0)
             print(json.dumps({"first_loss": res.first_loss, "final_loss": res.last_loss,
                               "median_step_time_s": res.step_time_s, "checkpoint": res.checkpoint}, indent=2))

@@ -9,11 +9,16 @@ tensor is built.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from d2v.errors import ConfigError
 
 MODALITIES = ("image", "speech", "text")
+
+
+def need(cond: bool, name: str, msg: str) -> None:
+    """Raise ``ConfigError("<name>: <msg>")`` unless ``cond``: every ``validate()`` names the full key."""
+    if not cond:
+        raise ConfigError(f"{name}: {msg}")
 
 
 @dataclass
@@ -28,6 +33,15 @@ class DecoderConfig:
     decoder_residual: bool = True
     projection_layers: int = 1
     projection_ratio: float = 2.0
+
+    def validate(self, key: str, embed_dim: int) -> DecoderConfig:
+        """``key``: the section's full name (``model.<modality>.decoder``)."""
+        need(self.decoder_layers >= 1, f"{key}.decoder_layers", "must be >= 1")
+        need(self.decoder_dim >= 1 and self.decoder_kernel >= 1, f"{key}.decoder_dim", "decoder_dim and decoder_kernel must be >= 1")
+        need(self.decoder_groups >= 1, f"{key}.decoder_groups", f"must be >= 1, got {self.decoder_groups}")
+        need(self.decoder_dim % self.decoder_groups == 0 and embed_dim % self.decoder_groups == 0, f"{key}.decoder_groups",
+             f"decoder_dim={self.decoder_dim} and embed_dim={embed_dim} must be divisible by groups={self.decoder_groups}")
+        return self
 
 
 @dataclass
@@ -57,6 +71,17 @@ class ModalityConfig:
     #   "none"     - nothing: the student's contextualized features feed the teacher blocks (text)
     teacher_encoder: str = "full"
 
+    def validate(self, key: str, embed_dim: int) -> ModalityConfig:
+        """``key``: the section's full name (``model.<modality>``); ``embed_dim``: the blocks' width."""
+        need(0.0 < self.mask_prob < 1.0, f"{key}.mask_prob", f"must be in (0, 1), got {self.mask_prob}")
+        need(self.mask_length >= 1, f"{key}.mask_length", f"must be >= 1, got {self.mask_length}")
+        need(self.teacher_encoder in ("full", "no_local", "none"), f"{key}.teacher_encoder",
+             f"must be one of full/no_local/none, got {self.teacher_encoder!r}")
+        need(isinstance(self.local_grad_mult, (int, float)) and self.local_grad_mult >= 0, f"{key}.local_grad_mult",
+             f"must be a number >= 0, got {self.local_grad_mult!r}")
+        self.decoder.validate(f"{key}.decoder", embed_dim)
+        return self
+
 
 @dataclass
 class ImageConfig(ModalityConfig):
@@ -75,6 +100,19 @@ class ImageConfig(ModalityConfig):
             decoder_dim=768, decoder_groups=16, decoder_kernel=3, decoder_layers=6, input_dropout=0.0
         )
     )
+
+    def validate(self, key: str, embed_dim: int) -> ImageConfig:
+        super().validate(key, embed_dim)
+        need(self.patch_size >= 1 and self.input_size >= 1, f"{key}.patch_size", "patch_size and input_size must be >= 1")
+        need(self.in_chans >= 1, f"{key}.in_chans", f"must be >= 1, got {self.in_chans}")
+        need(self.input_size % self.patch_size == 0, f"{key}.input_size",
+             f"input_size={self.input_size} is not a multiple of patch_size={self.patch_size}")
+        need(embed_dim % 4 == 0, "model.embed_dim", "2-D sin-cos positions need embed_dim divisible by 4")
+        need(self.mask_length >= 2, f"{key}.mask_length", f"block masking needs mask_length >= 2, got {self.mask_length}")
+        n = (self.input_size // self.patch_size) ** 2
+        kept = int(n * (1 - self.mask_prob)) if self.inverse_mask else n - int(n * self.mask_prob)
+        need(1 <= kept < n, f"{key}.mask_prob", f"mask_prob={self.mask_prob} keeps {kept} of {n} patches; need 1..{n - 1}")
+        return self
 
 
 @dataclass
@@ -99,6 +137,21 @@ class SpeechConfig(ModalityConfig):
         )
     )
 
+    def validate(self, key: str, embed_dim: int) -> SpeechConfig:
+        super().validate(key, embed_dim)
+        try:
+            spec = parse_conv_spec(self.feature_encoder_spec)
+        except Exception as e:  # noqa: BLE001 - re-raised with the field name
+            raise ConfigError(f"{key}.feature_encoder_spec: cannot parse {self.feature_encoder_spec!r}: {e}") from e
+        need(len(spec) > 0, f"{key}.feature_encoder_spec", "needs at least one conv layer")
+        need(all(c >= 1 and k >= 1 and st >= 1 for c, k, st in spec), f"{key}.feature_encoder_spec",
+             "channels, kernels and strides must be >= 1")
+        need(self.conv_pos_groups >= 1 and self.conv_pos_depth >= 1, f"{key}.conv_pos_groups",
+             "conv_pos_groups and conv_pos_depth must be >= 1")
+        need(embed_dim % self.conv_pos_groups == 0, f"{key}.conv_pos_groups",
+             f"embed_dim={embed_dim} is not divisible by conv_pos_groups={self.conv_pos_groups}")
+        return self
+
 
 @dataclass
 class TextConfig(ModalityConfig):
@@ -121,6 +174,11 @@ class TextConfig(ModalityConfig):
             projection_ratio=2.0,
         )
     )
+
+    def validate(self, key: str, embed_dim: int) -> TextConfig:
+        super().validate(key, embed_dim)
+        need(self.vocab_size > self.pad_idx, f"{key}.vocab_size", "must exceed pad_idx")
+        return self
 
 
 @dataclass
@@ -148,7 +206,7 @@ class ModelConfig:
     instance_norm_targets: bool = False
     # Loss (spec §2.5): loss_scale None means 1/sqrt(D)
     loss_beta: float = 0.0
-    loss_scale: Optional[float] = None
+    loss_scale: float | None = None
     cls_loss: float = 0.0
     clone_batch: int = 8
     # EMA teacher (spec §2.6)
@@ -159,85 +217,40 @@ class ModelConfig:
     min_target_var: float = 0.1
     min_pred_var: float = 0.01
     collapse_check_after: int = 5000
-    image: Optional[ImageConfig] = None
-    speech: Optional[SpeechConfig] = None
-    text: Optional[TextConfig] = None
+    image: ImageConfig | None = None
+    speech: SpeechConfig | None = None
+    text: TextConfig | None = None
 
     @property
     def modalities(self) -> list[str]:
         return [m for m in MODALITIES if getattr(self, m) is not None]
 
-    def validate(self) -> "ModelConfig":
-        """Raise ``ConfigError`` naming the first bad field; return self when all is well."""
+    def validate(self) -> ModelConfig:
+        """Raise ``ConfigError`` naming the first bad field; return self when all is well. Each
+        modality section checks itself (given ``embed_dim``, which its decoder and positions share)."""
 
-        def need(cond: bool, name: str, msg: str) -> None:
-            if not cond:
-                raise ConfigError(f"model.{name}: {msg}")
+        def need_(cond: bool, name: str, msg: str) -> None:
+            need(cond, f"model.{name}", msg)
 
-        need(isinstance(self.embed_dim, int) and self.embed_dim > 0, "embed_dim", f"must be a positive int, got {self.embed_dim!r}")
-        need(isinstance(self.num_heads, int) and self.num_heads > 0, "num_heads", f"must be a positive int, got {self.num_heads!r}")
-        need(
-            self.embed_dim % self.num_heads == 0,
-            "embed_dim",
-            f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}",
-        )
-        need(isinstance(self.depth, int) and self.depth >= 1, "depth", f"must be >= 1, got {self.depth!r}")
-        need(
-            1 <= self.average_top_k_layers <= self.depth,
-            "average_top_k_layers",
-            f"must be in [1, depth={self.depth}], got {self.average_top_k_layers}",
-        )
-        need(isinstance(self.clone_batch, int) and self.clone_batch >= 1, "clone_batch", f"must be an int >= 1, got {self.clone_batch!r}")
-        need(0.0 <= self.ema_decay <= 1.0, "ema_decay", f"must be in [0, 1], got {self.ema_decay}")
-        need(0.0 <= self.ema_end_decay <= 1.0, "ema_end_decay", f"must be in [0, 1], got {self.ema_end_decay}")
-        need(self.ema_anneal_end_step >= 0, "ema_anneal_end_step", "must be >= 0")
+        need_(isinstance(self.embed_dim, int) and self.embed_dim > 0, "embed_dim", f"must be a positive int, got {self.embed_dim!r}")
+        need_(isinstance(self.num_heads, int) and self.num_heads > 0, "num_heads", f"must be a positive int, got {self.num_heads!r}")
+        need_(self.embed_dim % self.num_heads == 0, "embed_dim",
+              f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
+        need_(isinstance(self.depth, int) and self.depth >= 1, "depth", f"must be >= 1, got {self.depth!r}")
+        need_(1 <= self.average_top_k_layers <= self.depth, "average_top_k_layers",
+              f"must be in [1, depth={self.depth}], got {self.average_top_k_layers}")
+        need_(isinstance(self.clone_batch, int) and self.clone_batch >= 1, "clone_batch", f"must be an int >= 1, got {self.clone_batch!r}")
+        need_(0.0 <= self.ema_decay <= 1.0, "ema_decay", f"must be in [0, 1], got {self.ema_decay}")
+        need_(0.0 <= self.ema_end_decay <= 1.0, "ema_end_decay", f"must be in [0, 1], got {self.ema_end_decay}")
+        need_(self.ema_anneal_end_step >= 0, "ema_anneal_end_step", "must be >= 0")
         for name in ("encoder_dropout", "attention_dropout", "activation_dropout", "post_mlp_drop", "dropout_input", "layerdrop"):
             v = getattr(self, name)
-            need(0.0 <= v < 1.0, name, f"must be in [0, 1), got {v}")
-        need(not (self.instance_norm_target_layer and self.layer_norm_target_layer), "layer_norm_target_layer",
-             "instance_norm_target_layer and layer_norm_target_layer are exclusive")
-        need(len(self.modalities) > 0, "image/speech/text", "at least one modality must be configured")
+            need_(0.0 <= v < 1.0, name, f"must be in [0, 1), got {v}")
+        need_(not (self.instance_norm_target_layer and self.layer_norm_target_layer), "layer_norm_target_layer",
+              "instance_norm_target_layer and layer_norm_target_layer are exclusive")
+        need_(len(self.modalities) > 0, "image/speech/text", "at least one modality must be configured")
         for m in self.modalities:
-            mc: ModalityConfig = getattr(self, m)
-            need(0.0 < mc.mask_prob < 1.0, f"{m}.mask_prob", f"must be in (0, 1), got {mc.mask_prob}")
-            need(mc.mask_length >= 1, f"{m}.mask_length", f"must be >= 1, got {mc.mask_length}")
-            need(mc.teacher_encoder in ("full", "no_local", "none"), f"{m}.teacher_encoder",
-                 f"must be one of full/no_local/none, got {mc.teacher_encoder!r}")
-            need(isinstance(mc.local_grad_mult, (int, float)) and mc.local_grad_mult >= 0, f"{m}.local_grad_mult",
-                 f"must be a number >= 0, got {mc.local_grad_mult!r}")
-            d = mc.decoder
-            need(d.decoder_layers >= 1, f"{m}.decoder.decoder_layers", "must be >= 1")
-            need(d.decoder_dim >= 1 and d.decoder_kernel >= 1, f"{m}.decoder.decoder_dim", "decoder_dim and decoder_kernel must be >= 1")
-            need(d.decoder_groups >= 1, f"{m}.decoder.decoder_groups", f"must be >= 1, got {d.decoder_groups}")
-            need(d.decoder_dim % d.decoder_groups == 0 and self.embed_dim % d.decoder_groups == 0,
-                 f"{m}.decoder.decoder_groups",
-                 f"decoder_dim={d.decoder_dim} and embed_dim={self.embed_dim} must be divisible by groups={d.decoder_groups}")
-        if self.image is not None:
-            im = self.image
-            need(im.patch_size >= 1 and im.input_size >= 1, "image.patch_size", "patch_size and input_size must be >= 1")
-            need(im.in_chans >= 1, "image.in_chans", f"must be >= 1, got {im.in_chans}")
-            need(im.input_size % im.patch_size == 0, "image.input_size",
-                 f"input_size={im.input_size} is not a multiple of patch_size={im.patch_size}")
-            need(self.embed_dim % 4 == 0, "embed_dim", "2-D sin-cos positions need embed_dim divisible by 4")
-            need(im.mask_length >= 2, "image.mask_length", f"block masking needs mask_length >= 2, got {im.mask_length}")
-            n = (im.input_size // im.patch_size) ** 2
-            kept = int(n * (1 - im.mask_prob)) if im.inverse_mask else n - int(n * im.mask_prob)
-            need(1 <= kept < n, "image.mask_prob", f"mask_prob={im.mask_prob} keeps {kept} of {n} patches; need 1..{n - 1}")
-        if self.speech is not None:
-            sp = self.speech
-            try:
-                spec = parse_conv_spec(sp.feature_encoder_spec)
-            except Exception as e:  # noqa: BLE001 - re-raised with the field name
-                raise ConfigError(f"model.speech.feature_encoder_spec: cannot parse {sp.feature_encoder_spec!r}: {e}") from e
-            need(len(spec) > 0, "speech.feature_encoder_spec", "needs at least one conv layer")
-            need(all(c >= 1 and k >= 1 and st >= 1 for c, k, st in spec), "speech.feature_encoder_spec",
-                 "channels, kernels and strides must be >= 1")
-            need(sp.conv_pos_groups >= 1 and sp.conv_pos_depth >= 1, "speech.conv_pos_groups",
-                 "conv_pos_groups and conv_pos_depth must be >= 1")
-            need(self.embed_dim % sp.conv_pos_groups == 0, "speech.conv_pos_groups",
-                 f"embed_dim={self.embed_dim} is not divisible by conv_pos_groups={sp.conv_pos_groups}")
-        if self.text is not None:
-            need(self.text.vocab_size > self.text.pad_idx, "text.vocab_size", "must exceed pad_idx")
+            getattr(self, m).validate(f"model.{m}", self.embed_dim)
         return self
 
 
