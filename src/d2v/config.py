@@ -319,17 +319,17 @@ def compose_dict(overrides: Sequence[str] = (), config_name: str = "config",
     cdir = Path(config_dir or conf_dir()).resolve()
     if not (cdir / f"{config_name}.yaml").is_file():
         raise ConfigError(f"config {config_name!r} not found in {cdir}")
-    overrides = list(overrides)
+    overrides, why = list(overrides), ""
     try:
         try:
             composed = _hydra_compose(cdir, config_name, overrides)
         except HydraException:
-            added = _add_schema_keys(cdir, config_name, overrides)
+            added, why = _add_omitted_fields(cdir, config_name, overrides)
             if added == overrides:
                 raise
             composed = _hydra_compose(cdir, config_name, added)
     except HydraException as e:
-        raise ConfigError(f"cannot compose config: {e}{_unconfigured_hint(cdir, config_name, overrides)}") from e
+        raise ConfigError(f"cannot compose config: {e}{why}") from e
     except yaml.YAMLError as e:  # the message names the file, line and column
         raise ConfigError(f"cannot compose config: a YAML file in {cdir} is not valid: {e}") from e
     except UnicodeDecodeError as e:
@@ -350,8 +350,8 @@ def _hydra_compose(cdir: Path, config_name: str, overrides: list[str]):
 
 
 def _schema_path(key: str) -> list[bool] | None:
-    """If the dotted ``key`` names a field of ``Config`` (through nested sections), whether each
-    part of its path is an optional section (``model.image``: absent unless configured); else None."""
+    """If the dotted ``key`` names a field of ``Config``, for each part of its path whether it is an
+    optional section (``model.image``: absent unless configured); None if it names no field."""
     import dataclasses
     import types
     import typing
@@ -359,92 +359,52 @@ def _schema_path(key: str) -> list[bool] | None:
     cls: Any = Config
     optional: list[bool] = []
     for part in key.split("."):
-        if cls is None or not dataclasses.is_dataclass(cls):
+        if not dataclasses.is_dataclass(cls) or part not in {f.name for f in dataclasses.fields(cls)}:
             return None
-        hints = typing.get_type_hints(cls)
-        if part not in {f.name for f in dataclasses.fields(cls)}:
-            return None
-        tp = hints[part]
+        tp = typing.get_type_hints(cls)[part]
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        is_opt = typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) < len(typing.get_args(tp))
-        optional.append(is_opt)
-        inner = args[0] if is_opt else tp
-        cls = inner if dataclasses.is_dataclass(inner) else None
+        optional.append(typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1)
+        cls = args[0] if optional[-1] else tp
     return optional
 
 
-def _value_overrides(cdir: Path, overrides: list[str]):
-    """``(index, Override)`` of the plain ``key=value`` overrides that set a value, not a group."""
+def _add_omitted_fields(cdir: Path, config_name: str, overrides: list[str]) -> tuple[list[str], str]:
+    """The overrides with ``key=value`` made ``+key=value`` where the key is a dataclass field the
+    YAML leaves out, in a section the composition has (see ``compose_dict``); and, where one cannot
+    apply, why: no such field, or a section that is not configured (then the overrides unchanged)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
 
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    return [(i, o) for i, o in enumerate(parsed)
-            if not (o.is_add() or o.is_force_add() or o.is_delete()) and o.package is None
-            and not (cdir / o.key_or_group.replace(".", "/")).is_dir()]
-
-
-def _group_base(cdir: Path, config_name: str, overrides: list[str], values: list) -> dict | None:
-    """The composition with the group choices only (the nodes the value overrides apply to)."""
-    skip = {i for i, _ in values}
     try:
-        base = _hydra_compose(cdir, config_name, [o for i, o in enumerate(overrides) if i not in skip])
-    except Exception:  # noqa: BLE001 - the full composition reports it
-        return None
-    return OmegaConf.to_container(base, resolve=False)  # type: ignore[return-value]
-
-
-def _missing_at(base: dict, key: str) -> int | None:
-    """Index of the first part of ``key`` that ``base`` lacks (None: the key is there)."""
-    node: Any = base
-    for i, part in enumerate(key.split(".")):
-        if not isinstance(node, dict) or part not in node:
-            return i
-        node = node[part]
-    return None
-
-
-def _add_schema_keys(cdir: Path, config_name: str, overrides: list[str]) -> list[str]:
-    """``overrides`` with ``key=value`` turned into ``+key=value`` where the key is a dataclass
-    field the YAML leaves out, inside sections that exist (see ``compose_dict``)."""
-    try:
-        values = _value_overrides(cdir, overrides)
+        parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception:  # noqa: BLE001 - a syntax error: the composition reports it
-        return overrides
-    values = [(i, o) for i, o in values if _schema_path(o.key_or_group) is not None]
-    base = _group_base(cdir, config_name, overrides, values) if values else None
-    if base is None:
-        return overrides
-    out = list(overrides)
-    for i, o in values:
-        key = o.key_or_group
-        at = _missing_at(base, key)
-        optional = _schema_path(key) or []
-        # intermediate sections that are missing must be ones every config has (not model.image)
-        if at is not None and not any(optional[at:-1]):
-            out[i] = "+" + overrides[i].lstrip()
-    return out
-
-
-def _unconfigured_hint(cdir: Path, config_name: str, overrides: list[str]) -> str:
-    """Why an override failed: its key is no field, or the section that holds it is not configured."""
-    try:
-        values = _value_overrides(cdir, overrides)
-        unknown = [o.key_or_group for _, o in values if _schema_path(o.key_or_group) is None]
-        values = [(i, o) for i, o in values if _schema_path(o.key_or_group) is not None]
-        base = _group_base(cdir, config_name, overrides, values) if values else None
-    except Exception:  # noqa: BLE001
-        return ""
+        return overrides, ""
+    values = {i: o.key_or_group for i, o in enumerate(parsed)  # key=value on a value, not a group choice
+              if o.type is OverrideType.CHANGE and o.package is None and not (cdir / o.key_or_group.replace(".", "/")).is_dir()}
+    unknown = [k for k in values.values() if _schema_path(k) is None]
     if unknown:
-        return f"\n({unknown[0]} is not a config field, nor a config group in {cdir}; check the spelling)"
-    for _, o in values if base is not None else []:
-        key = o.key_or_group
-        at = _missing_at(base, key)  # type: ignore[arg-type]
-        optional = _schema_path(key) or []
-        if at is not None and any(optional[at:-1]):
-            section = ".".join(key.split(".")[: at + 1])
-            return (f"\n({section} is not configured in this composition, so {key} has nothing to change; "
-                    f"choose a config that has it, e.g. model=tiny)")
-    return ""
+        return overrides, f"\n({unknown[0]} is not a config field, nor a config group in {cdir}; check the spelling)"
+    try:  # the group choices alone: the nodes the values apply to
+        base = OmegaConf.to_container(_hydra_compose(cdir, config_name, [o for i, o in enumerate(overrides) if i not in values]))
+    except Exception:  # noqa: BLE001 - the full composition reports it
+        return overrides, ""
+    out = list(overrides)
+    for i, key in values.items():
+        node: Any = base
+        parts, at = key.split("."), None
+        for j, part in enumerate(parts):  # the first part the composition lacks
+            if not isinstance(node, dict) or part not in node:
+                at = j
+                break
+            node = node[part]
+        if at is None:
+            continue
+        if any((_schema_path(key) or [])[at:-1]):  # model.image.x without an image encoder: do not add one
+            section = ".".join(parts[: at + 1])
+            return overrides, (f"\n({section} is not configured in this composition, so {key} has nothing to change; "
+                               "choose a config that has it, e.g. model=tiny)")
+        out[i] = "+" + overrides[i].lstrip()
+    return out, ""
 
 
 def _is_utf8(path: Path) -> bool:
