@@ -48,14 +48,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_time import cpu_name  # noqa: E402
 
 from d2v.config import load_config  # noqa: E402
+from d2v.data.downstream import load_split  # noqa: E402
 from d2v.data.loaders import eval_loader, pack_text_blocks  # noqa: E402
 from d2v.data.shards import shard_urls  # noqa: E402
 from d2v.data.tokenizer import BOS, PAD  # noqa: E402
 from d2v.errors import InputError  # noqa: E402
 from d2v.models.baselines import OBJECTIVES, backbone_of, objective  # noqa: E402
-from d2v.train.downstream_data import load_split  # noqa: E402
+from d2v.models.heads import Classifier  # noqa: E402
 from d2v.train.evaluate import extract, linear_probe  # noqa: E402
-from d2v.train.finetune import Classifier  # noqa: E402
 
 IMAGE_ONLY = ["model.speech=null", "model.text=null", "train.modalities=[image]"]
 TEXT_ONLY = ["model.image=null", "model.speech=null", "train.modalities=[text]"]

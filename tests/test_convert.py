@@ -6,7 +6,7 @@ omegaconf ``DictConfig``); ``tests/fixtures/fairseq/<modality>.pt`` the outputs 
 those weights. Converting a checkpoint and feeding the recorded inputs and masks must reproduce
 targets, predictions, losses and features: tolerance 1e-5 relative (fp32, CPU).
 
-Also: the file format of the model folder (``d2v.models.export``) and every refusal: not
+Also: the file format of the model folder (``d2v.models.model_dir``) and every refusal: not
 data2vec 2.0, truncated, a pickle naming a class outside the allowed set (refused, not run),
 missing / unknown keys, bad shapes.
 """
@@ -29,8 +29,8 @@ import torch
 
 from d2v.errors import InputError
 from d2v.models import Data2Vec2
-from d2v.models.export import FORMAT, load_model_dir, save_model_dir
-from d2v.models.fairseq_compat import _map_key, convert_fairseq, load_fairseq_checkpoint, read_fairseq_dictionary
+from d2v.models.fairseq_compat import _map_key, load_fairseq_checkpoint, read_fairseq_dictionary
+from d2v.models.model_dir import FORMAT, convert_fairseq, load_model_dir, save_model_dir
 
 FX = Path(__file__).parent / "fixtures" / "fairseq"
 CK = FX / "checkpoints"

@@ -8,10 +8,11 @@ import torch
 from conftest import SPEECH_SAMPLES, build_cfg
 
 from d2v.config import TaskConfig
+from d2v.data.downstream import LabelledSplit
 from d2v.errors import ConfigError, InputError
 from d2v.models import Data2Vec2
-from d2v.train.ctc import BLANK, LETTERS, CTCRecognizer, ctc_loss, decode_letters, encode_letters, error_rates, reference
-from d2v.train.downstream_data import LabelledSplit
+from d2v.models.ctc import BLANK, LETTERS, ctc_loss, decode_letters, encode_letters, error_rates, reference
+from d2v.models.heads import CTCRecognizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -89,7 +90,7 @@ def test_padding_limits_the_frames_and_the_decoded_path():
 
 
 def test_ctc_model_saves_and_loads_as_a_classifier_folder(tmp_path):
-    from d2v.train.finetune import load_classifier, save_classifier
+    from d2v.models.classifier_dir import load_classifier, save_classifier
 
     model = _model().eval()
     wav = torch.randn(2, SPEECH_SAMPLES)
@@ -99,25 +100,40 @@ def test_ctc_model_saves_and_loads_as_a_classifier_folder(tmp_path):
     torch.testing.assert_close(back.eval()(wav), model(wav))
 
 
-def test_word_accuracy_and_transcribe_split():
-    from d2v.train.ctc import transcribe_split
+def test_word_accuracy_and_scores():
     from d2v.train.finetune import accuracy
 
     model = _model().eval()
     data = LabelledSplit("speech", "test", torch.randn(2, SPEECH_SAMPLES), torch.tensor([0, 1]), ["a", "b"],
                          torch.tensor([SPEECH_SAMPLES] * 2), ["up", "go"])
-    scores = transcribe_split(model, data, 8, torch.device("cpu"))
+    scores = model.score(data, 8, torch.device("cpu"))
     assert scores["refs"] == ["UP", "GO"] and len(scores["hyps"]) == 2
+    assert scores["accuracy"] == pytest.approx(1 - scores["wer"]) and 0 <= scores["cer"]
     assert accuracy(model, data, 8, torch.device("cpu")) == pytest.approx(1 - scores["wer"])
     cropped = LabelledSplit("speech", "train", data.source, data.label, data.keys, data.lengths, data.texts, cropped=1)
     with pytest.raises(InputError, match="1 clip\\(s\\) are longer than finetune.speech.audio_seconds"):
-        transcribe_split(model, cropped, 8, torch.device("cpu"))
+        model.score(cropped, 8, torch.device("cpu"))
+    with pytest.raises(InputError, match="1 clip\\(s\\) are longer than finetune.speech.audio_seconds"):
+        model.check_data(cropped)  # what training checks before its first step
     silent = LabelledSplit("speech", "test", data.source, data.label, ["a", "clip-b"], data.lengths, ["up", "..."])
     with pytest.raises(InputError, match="clip-b: transcript '...' has no letters"):
-        transcribe_split(model, silent, 8, torch.device("cpu"))
+        model.score(silent, 8, torch.device("cpu"))
     with pytest.raises(InputError, match="has no transcripts"):
-        transcribe_split(model, LabelledSplit("speech", "test", data.source, data.label, data.keys, data.lengths), 8,
-                         torch.device("cpu"))
+        model.score(LabelledSplit("speech", "test", data.source, data.label, data.keys, data.lengths), 8,
+                    torch.device("cpu"))
+
+
+def test_ctc_loss_from_the_head_matches_the_letter_loss():
+    """``head.loss(head(x), head.targets(split, idx))`` is ``ctc_loss`` on the same frames and texts."""
+    model = _model().eval()
+    data = LabelledSplit("speech", "train", torch.randn(3, SPEECH_SAMPLES), torch.tensor([0, 1, 2]), ["a", "b", "c"],
+                         torch.tensor([SPEECH_SAMPLES, SPEECH_SAMPLES // 2, SPEECH_SAMPLES]), ["up", "go", "no"])
+    idx = torch.tensor([2, 1])
+    src, lengths = data.source[idx], data.lengths[idx]
+    with torch.no_grad():
+        out = model(src, lengths)
+        want = ctc_loss(out, model.frames(src, lengths), ["no", "go"], ["c", "b"])
+        assert torch.equal(model.loss(out, model.targets(data, idx)), want)
 
 
 @pytest.mark.parametrize("task,head,msg", [("image", "ctc", "for the speech task only"),

@@ -12,16 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import build_cfg
 from PIL import Image
 
-from conftest import build_cfg
 from d2v.config import Config, DataConfig, FinetuneConfig, TaskConfig
+from d2v.data.downstream import load_split
 from d2v.data.manifest import manifest_path, raw_dir, write_manifest
 from d2v.data.shards import write_shards
 from d2v.errors import InputError
 from d2v.models import Data2Vec2
+from d2v.models.classifier_dir import load_classifier, save_classifier
+from d2v.models.heads import Classifier
 from d2v.train import finetune as ft
-from d2v.train.downstream_data import load_split
 from d2v.train.evaluate import evaluate_task, linear_probe
 
 SPLITS = {"train": 120, "val": 40, "test": 40}
@@ -82,7 +84,7 @@ def test_load_split_keeps_labels_and_limits(image_root):
 
 def test_layer_decay_scales_each_layer():
     m = Data2Vec2(build_cfg("image"))
-    clf = ft.Classifier(m, "image", 3)
+    clf = Classifier(m, "image", 3)
     groups = clf.layer_param_groups(1e-3, 0.05, 0.5)
     depth = len(clf.blocks)
     seen = {}
@@ -101,7 +103,7 @@ def test_layer_decay_scales_each_layer():
 
 def test_text_pooling_ignores_padding():
     m = Data2Vec2(build_cfg("text")).eval()
-    clf = ft.Classifier(m, "text", 2).eval()
+    clf = Classifier(m, "text", 2).eval()
     ids = torch.randint(4, 100, (2, 10))
     padded = torch.cat([ids, torch.ones(2, 6, dtype=torch.long)], 1)  # <pad> = 1
     with torch.no_grad():
@@ -133,7 +135,7 @@ def test_finetune_evaluate_round_trip(image_root, tmp_path):
     assert history.read_text().splitlines()[0].split("\t") == ["step", "loss_pretrained", "loss_random"]
 
     # Saved classifiers load back and predict exactly as before.
-    clf, meta = ft.load_classifier(runs["pretrained"].out_dir)
+    clf, meta = load_classifier(runs["pretrained"].out_dir)
     assert meta["labels"] == ["left", "right"] and meta["task"] == "image"
     val = load_split(image_root, "image", "val")
     acc = ft.accuracy(clf, val, 64, torch.device("cpu"))
@@ -166,7 +168,7 @@ def test_same_budget_same_batches(image_root, tmp_path):
     losses = []
     for _ in range(2):
         torch.manual_seed(0)
-        clf = ft.Classifier(Data2Vec2(cfg.model), "image", 2)
+        clf = Classifier(Data2Vec2(cfg.model), "image", 2)
         losses.append(ft.train_classifier(clf, train, cfg.finetune.image, 7, torch.device("cpu"), progress=False))
     assert losses[0] == losses[1]
 
@@ -177,20 +179,20 @@ def test_batch_pool_norm_standardises_features_and_round_trips(image_root, tmp_p
     cfg = make_cfg(image_root, tmp_path, init="random", steps=15)
     train, test = load_split(image_root, "image", "train"), load_split(image_root, "image", "test")
     torch.manual_seed(0)
-    clf = ft.Classifier(Data2Vec2(cfg.model), "image", 2, pool_norm="batch")
+    clf = Classifier(Data2Vec2(cfg.model), "image", 2, pool_norm="batch")
     assert isinstance(clf.fc_norm, torch.nn.BatchNorm1d) and not clf.fc_norm.affine
     with torch.no_grad():
         z = clf.fc_norm(clf.features(train.source[:32]) * 50 + 7)  # scale and shift do not survive
     assert z.mean(0).abs().max() < 1e-4 and (z.std(0, unbiased=False) - 1).abs().max() < 1e-2
     ft.train_classifier(clf, train, cfg.finetune.image, 7, torch.device("cpu"), progress=False)
     assert int(clf.fc_norm.num_batches_tracked) > 15  # updated by training (and by the check above)
-    before = ft.predict(clf, test, 16, torch.device("cpu"))
-    out = ft.save_classifier(clf, tmp_path / "clf", {"task": "image"})
-    loaded, meta = ft.load_classifier(out)
+    before = clf.predict(test, 16, torch.device("cpu"))
+    out = save_classifier(clf, tmp_path / "clf", {"task": "image"})
+    loaded, meta = load_classifier(out)
     assert meta["pool_norm"] == "batch" and isinstance(loaded.fc_norm, torch.nn.BatchNorm1d)
-    assert torch.equal(ft.predict(loaded, test, 16, torch.device("cpu")), before)
+    assert torch.equal(loaded.predict(test, 16, torch.device("cpu")), before)
     with pytest.raises(InputError, match="pool_norm"):
-        ft.Classifier(Data2Vec2(cfg.model), "image", 2, pool_norm="group")
+        Classifier(Data2Vec2(cfg.model), "image", 2, pool_norm="group")
     bad = make_cfg(image_root, tmp_path, init="random")
     bad.finetune.image.pool_norm = "group"
     with pytest.raises(Exception, match="finetune.image.pool_norm"):
@@ -199,14 +201,37 @@ def test_batch_pool_norm_standardises_features_and_round_trips(image_root, tmp_p
 
 def test_classifier_bad_input(tmp_path):
     with pytest.raises(InputError, match="not a classifier folder"):
-        ft.load_classifier(tmp_path / "nothing")
-    clf = ft.Classifier(Data2Vec2(build_cfg("image")), "image", 2)
-    out = ft.save_classifier(clf, tmp_path / "clf", {"task": "image"})
+        load_classifier(tmp_path / "nothing")
+    clf = Classifier(Data2Vec2(build_cfg("image")), "image", 2)
+    out = save_classifier(clf, tmp_path / "clf", {"task": "image"})
     (out / "weights.pt").write_bytes((out / "weights.pt").read_bytes()[:100])
     with pytest.raises(InputError, match="weights.pt"):
-        ft.load_classifier(out)
+        load_classifier(out)
     with pytest.raises(InputError, match="no 'speech' encoder"):
-        ft.Classifier(Data2Vec2(build_cfg("image")), "speech", 2)
+        Classifier(Data2Vec2(build_cfg("image")), "speech", 2)
+
+
+def test_classifier_folder_is_written_atomically(tmp_path, monkeypatch):
+    """A failed write (here: a full disk at weights.pt) leaves the previous folder as it was and no
+    temp folder beside it."""
+    import errno
+
+    import d2v.models.classifier_dir as cd
+
+    clf = Classifier(Data2Vec2(build_cfg("image")), "image", 2)
+    out = save_classifier(clf, tmp_path / "clf", {"task": "image", "labels": ["a", "b"]})
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(obj, path):
+        raise OSError(errno.ENOSPC, f"{path}: No space left on device")
+
+    monkeypatch.setattr(cd, "save_torch", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        save_classifier(Classifier(Data2Vec2(build_cfg("image")), "image", 2), out, {"task": "image"})
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clf"]
+    loaded, meta = load_classifier(out)
+    assert meta["labels"] == ["a", "b"]
 
 
 def test_registry_moves_champion_only_on_improvement(tmp_path):

@@ -21,7 +21,7 @@ from d2v.errors import InputError
 from d2v.inference import Encoder, encode, encode_texts, write_embeddings
 from d2v.inference.encode import read_embeddings
 from d2v.models import Data2Vec2
-from d2v.models.export import save_model_dir
+from d2v.models.model_dir import save_model_dir
 
 FX = Path(__file__).parent / "fixtures" / "fairseq"
 LINES = ["In the beginning God created the heaven and the earth.", "Short.",
@@ -208,7 +208,7 @@ def test_bad_inputs_name_the_file(enc, data, tmp_path):
 
 
 def test_model_of_one_modality_refuses_others(tmp_path, data):
-    from d2v.models.fairseq_compat import convert_fairseq
+    from d2v.models.model_dir import convert_fairseq
 
     out = convert_fairseq(FX / "checkpoints" / "audio_set_a.pt", tmp_path / "audio_model")
     with pytest.raises(InputError, match=r"im0.png: holds an image input, but speech was asked for"):
@@ -221,7 +221,7 @@ def test_model_of_one_modality_refuses_others(tmp_path, data):
 
 def test_converted_fixtures_encode(tmp_path, data):
     """Converted fairseq fixtures encode their modality; image: ImageNet preprocessing (3 x 56 x 56)."""
-    from d2v.models.fairseq_compat import convert_fairseq
+    from d2v.models.model_dir import convert_fairseq
 
     ref = torch.load(FX / "text.pt", weights_only=True)
     d = tmp_path / "dict.txt"

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from d2v.models import Data2Vec2
-from d2v.models.export import save_model_dir
+from d2v.models.model_dir import save_model_dir
 
 NAME = "d2v-test-encoder"
 

@@ -31,8 +31,7 @@ def main(argv: list[str]) -> int:
     ns = p.parse_args(argv)
 
     def run() -> int:
-        from d2v.models.export import load_model_dir
-        from d2v.models.fairseq_compat import convert_fairseq
+        from d2v.models.model_dir import convert_fairseq, load_model_dir
 
         out = convert_fairseq(ns.checkpoint, ns.out, dictionary=ns.dictionary, teacher_from_student=ns.teacher_from_student)
         model, info = load_model_dir(out)  # read back: the folder is complete and consistent

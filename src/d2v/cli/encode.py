@@ -59,7 +59,10 @@ def main(argv: list[str]) -> int:
             torch.set_num_threads(ns.threads)
         inputs = list(ns.inputs)
         t0 = time.perf_counter()
-        enc = Encoder.load(ns.model, device=ns.device, precision=ns.precision, tokenizer=ns.tokenizer)
+        from d2v.config import PROJECT_ROOT
+
+        enc = Encoder.load(ns.model, device=ns.device, precision=ns.precision, tokenizer=ns.tokenizer,
+                           tokenizer_fallback=PROJECT_ROOT / "models" / "tokenizer" / "spm.model")
         modality = ns.modality
         if ns.split:
             m = modality or (enc.modalities[0] if len(enc.modalities) == 1 else None)

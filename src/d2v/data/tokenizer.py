@@ -12,8 +12,7 @@ from pathlib import Path
 
 from d2v.data.manifest import manifest_path, read_manifest
 from d2v.errors import InputError
-
-BOS, PAD, EOS, UNK = 0, 1, 2, 3
+from d2v.tokens import BOS, EOS, PAD, UNK  # one owner: the models use them too
 
 
 def train_tokenizer(root: Path | str, out_dir: Path | str, vocab_size: int, model_type: str = "unigram",

@@ -6,7 +6,7 @@ of an encoder logged by ``d2v.tracking.pyfunc.log_encoder``. Inputs are prepared
 was trained:
 
 * images: decoded with PIL; project models: resized to ``input_size`` (bilinear) and normalised
-  as ``loaders.ImageCollate`` does (grey mean 0.2860, std 0.3530); converted fairseq models (per
+  as :mod:`d2v.data.transforms` does (grey mean 0.2860, std 0.3530); converted fairseq models (per
   ``config.json["extra"]["preprocess"]``): resize the short side to input_size/0.875 (bicubic),
   centre crop, ImageNet mean/std;
 * audio: read with soundfile, channels averaged, the sample rate checked against the model's
@@ -32,15 +32,16 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from d2v.data import transforms
+from d2v.device import pick_device
 from d2v.errors import InputError
 
 from .inputs import Item, collect_inputs
 
 POOLINGS = ("mean", "cls", "tokens")
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
-DEFAULT_IMAGE_NORM = {"mean": [0.2860], "std": [0.3530], "resize": None}  # loaders.ImageCollate
+DEFAULT_IMAGE_NORM = {"mean": [transforms.IMAGE_MEAN], "std": [transforms.IMAGE_STD], "resize": None}
 
 
 @dataclass
@@ -87,9 +88,13 @@ def _download_mlflow_model(uri: str) -> Path:
     raise InputError(f"{uri}: the MLflow model holds no d2v model folder (log it with d2v.tracking.pyfunc.log_encoder)")
 
 
-def resolve_model(model_or_path: Union[str, Path], map_location: str = "cpu"):
-    """``(Data2Vec2, info)`` from a folder, checkpoint file, fairseq checkpoint or MLflow model URI."""
-    from d2v.models.export import load_model_dir
+def resolve_model(model_or_path: Union[str, Path], map_location: str = "cpu",
+                  tokenizer_fallback: Union[None, str, Path] = None):
+    """``(Data2Vec2, info)`` from a folder, checkpoint file, fairseq checkpoint or MLflow model URI.
+
+    ``tokenizer_fallback``: the ``spm.model`` of a pretraining checkpoint's text model when none lies
+    beside the checkpoint (``d2v encode`` passes the project's ``models/tokenizer/spm.model``)."""
+    from d2v.models.model_dir import load_model_dir
 
     s = str(model_or_path)
     if s.startswith(MLFLOW_SCHEMES):
@@ -97,19 +102,7 @@ def resolve_model(model_or_path: Union[str, Path], map_location: str = "cpu"):
         model, info = load_model_dir(folder, map_location)
         info["uri"] = s
         return model, info
-    return load_model_dir(model_or_path, map_location)
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise InputError(f"device {device!r}: {e}") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r}: CUDA is not available here")
-    return dev
+    return load_model_dir(model_or_path, map_location, tokenizer_fallback=tokenizer_fallback)
 
 
 # ------------------------------------------------------------------------------------ encoder
@@ -138,8 +131,9 @@ class Encoder:
 
     @classmethod
     def load(cls, model_or_path: Union[str, Path], device: str = "auto", precision: str = "auto",
-             tokenizer: Optional[Union[str, dict]] = None) -> "Encoder":
-        model, info = resolve_model(model_or_path)
+             tokenizer: Optional[Union[str, dict]] = None,
+             tokenizer_fallback: Union[None, str, Path] = None) -> "Encoder":
+        model, info = resolve_model(model_or_path, tokenizer_fallback=tokenizer_fallback)
         return cls(model, info, device=device, precision=precision, tokenizer=tokenizer)
 
     @property
@@ -203,36 +197,17 @@ class Encoder:
         return im.crop((left, top, left + size, top + size))
 
     def _prepare_image(self, item: Item) -> torch.Tensor:
-        arr = self._image_array(item)
-        x = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True)).div_(255)
-        x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
-        size, ch = self.cfg.image.input_size, self.cfg.image.in_chans
-        if tuple(x.shape[-2:]) != (size, size):
-            x = F.interpolate(x.unsqueeze(0), size=(size, size), mode="bilinear", align_corners=False)[0]
-        if x.shape[0] != ch:
-            x = x.mean(0, keepdim=True).expand(ch, -1, -1)
-        mean = torch.tensor(self.image_pre["mean"], dtype=torch.float32).view(-1, 1, 1)
-        std = torch.tensor(self.image_pre["std"], dtype=torch.float32).view(-1, 1, 1)
-        return ((x - mean) / std).contiguous()
+        x = transforms.image_from_array(self._image_array(item))
+        return transforms.image_tensor(x, self.cfg.image.input_size, self.cfg.image.in_chans,
+                                       self.image_pre["mean"], self.image_pre["std"])
 
     def _prepare_audio(self, item: Item) -> torch.Tensor:
-        import soundfile as sf
-
-        try:
-            src = item.path if item.data is None else io.BytesIO(item.data)
-            wav, sr = sf.read(src, dtype="float32", always_2d=True)
-        except Exception as e:  # noqa: BLE001 - libsndfile raises several types
-            raise InputError(f"{item.where}: cannot decode audio: {e}") from e
-        want = self.cfg.speech.sample_rate
-        if sr != want:
-            raise InputError(f"{item.where}: sample rate {sr} Hz, the model expects {want} Hz (resample it first)")
-        if not np.isfinite(wav).all():  # float WAV/AIFF files can hold NaN/Inf: they would give NaN embeddings
-            raise InputError(f"{item.where}: {int((~np.isfinite(wav)).sum())} NaN/Inf samples in the audio")
-        x = torch.from_numpy(wav.mean(axis=1))
+        src = item.path if item.data is None else io.BytesIO(item.data)
+        x = transforms.read_audio(src, item.where, self.cfg.speech.sample_rate)
         enc = self.model.encoder("speech")
         if x.numel() == 0 or enc.local_encoder.output_length(x.numel()) < 2:
             raise InputError(f"{item.where}: {x.numel()} samples is too short for the model's feature extractor")
-        return F.layer_norm(x, x.shape) if self.speech_normalize else x
+        return transforms.normalize_audio(x) if self.speech_normalize else x
 
     def _prepare_text(self, item: Item) -> torch.Tensor:
         ids = self.tokenizer(str(item.data))
@@ -241,10 +216,9 @@ class Encoder:
 
     # -- forward ----------------------------------------------------------------------------
     def _layer_index(self, layer: int) -> int:
-        depth = len(self.model.blocks)
-        if not isinstance(layer, int) or not -depth <= layer < depth:
-            raise InputError(f"layer {layer!r} out of range: the model has {depth} blocks (0..{depth - 1}, or -1..-{depth})")
-        return layer % depth
+        from d2v.models.data2vec2 import layer_index
+
+        return layer_index(layer, len(self.model.blocks))
 
     @torch.no_grad()
     def forward(self, modality: str, sources: Sequence[torch.Tensor], pooling: str = "mean",
@@ -254,46 +228,34 @@ class Encoder:
             raise InputError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
         if modality not in self.modalities:
             raise InputError(f"the model encodes {', '.join(self.modalities)}, not {modality}")
-        m = self.model
-        enc = m.encoder(modality)
+        enc = self.model.encoder(modality)
         if pooling == "cls" and enc.num_extra_tokens == 0:
             raise InputError(f"pooling 'cls' needs a CLS token; the {modality} encoder has none")
-        li = self._layer_index(layer)
-        lengths = None
+        self._layer_index(layer)
         if modality == "text":
             lengths = [int(s.numel()) for s in sources]
             src = torch.full((len(sources), max(lengths)), enc.mcfg.pad_idx, dtype=torch.long)
             for i, s in enumerate(sources):
                 src[i, : s.numel()] = s
-            pad = src.eq(enc.mcfg.pad_idx)
+            pad = src.eq(enc.mcfg.pad_idx)  # on the CPU: "nothing padded" is decided without a device sync
         else:
             src = torch.stack(list(sources))
             pad = None
         src = src.to(self.device, non_blocking=True)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            enc.check_input(src)
-            local = enc.local_features(src)
-            pm = m._padding(enc, src, pad)
-            ctx = enc.contextualize(local, padding_mask=pm)
-            x = ctx.x
-            for blk in m.blocks[: li + 1]:
-                x, _ = blk(x, ctx.bias)
-        x = x.float()
-        e = enc.num_extra_tokens
+            f = self.model.features(src, modality, pad, layer)
         if pooling == "cls":
-            return list(x[:, 0].cpu().numpy())
-        x = x[:, e:]
-        if lengths is not None:
-            valid = (~src.eq(enc.mcfg.pad_idx)).to(x.dtype)
-        else:
-            valid = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)
+            return list(f.extra[:, 0].float().cpu().numpy())
+        x = f.x.float()
+        padded = f.padding_mask is not None
+        valid = (~f.padding_mask).to(x.dtype) if padded else torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)
         if pooling == "mean":
             pooled = (x * valid.unsqueeze(-1)).sum(1) / valid.sum(1, keepdim=True).clamp_min(1)
             return list(pooled.cpu().numpy())
         xs = x.cpu().numpy()
         out: list[np.ndarray] = []
         for i in range(xs.shape[0]):
-            n = int(valid[i].sum()) if lengths is not None else xs.shape[1]
+            n = int(valid[i].sum()) if padded else xs.shape[1]
             out.append(np.ascontiguousarray(xs[i, :n]))
         return out
 

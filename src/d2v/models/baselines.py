@@ -29,13 +29,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from d2v.data.tokenizer import BOS, EOS, PAD, UNK
+from d2v.tokens import BOS, EOS, PAD, UNK
 
+from . import masking
 from .blocks import make_blocks, run_blocks
 from .config import ModelConfig
-from .data2vec2 import Data2Vec2, _init_bert_params
+from .data2vec2 import Data2Vec2, _init_bert_params, token_padding_mask
 from .encoders import InputError, sincos_2d
-from . import masking
 
 OBJECTIVES = ("data2vec2", "data2vec1", "mae", "bert")
 
@@ -87,7 +87,7 @@ class Data2Vec1Style(nn.Module):
         enc.check_input(source)
         B, M, d = source.shape[0], self.cfg.clone_batch, self.cfg.embed_dim
         T = enc.num_tokens(tuple(source.shape))
-        padding_mask = bb._padding(enc, source, padding_mask)
+        padding_mask = token_padding_mask(enc, source, padding_mask)
         if mask is None:
             mask = enc.make_mask(B * M, T, source.device)
         mask, n_masked = bb._check_mask(mask, B * M, T)
@@ -199,7 +199,7 @@ class MAE(nn.Module):
 class BERTStyle(nn.Module):
     """RoBERTa-style masked-token prediction on the shared text encoder (see module docstring).
 
-    Mask id: the project's sentencepiece vocabulary (``d2v.data.tokenizer``) has only ``<s>`` = 0,
+    Mask id: the project's sentencepiece vocabulary (``d2v.tokens``) has only ``<s>`` = 0,
     ``<pad>`` = 1, ``</s>`` = 2 and ``<unk>`` = 3 as specials and no ``<mask>`` (every other id is a
     real piece, ``vocab_size`` is the tokenizer's). So ``<unk>`` stands in for ``<mask>`` by default:
     the tokenizer is trained with full character coverage on the same training text, so ``<unk>``
@@ -307,11 +307,9 @@ class BERTStyle(nn.Module):
             if bool((mask & ~self.real_tokens(source)).any()):
                 raise InputError("the mask chooses <pad>, <s> or </s> positions; choose real tokens only")
         inputs = self.corrupt(source, mask, generator)
-        padding_mask = bb._padding(enc, source, padding_mask)
-        # ---- the full corrupted sequence through the shared path (as Data2Vec1Style's student)
-        ctx = enc.contextualize(enc.local_features(inputs), padding_mask=padding_mask)
-        h, _ = run_blocks(bb.blocks, ctx.x, ctx.bias, self.cfg.layerdrop)
-        h = h[:, enc.num_extra_tokens:]
+        # ---- the full corrupted sequence through the shared path (as Data2Vec1Style's student); the
+        # corruption neither makes nor removes a pad, so the inputs' padding is the source's
+        h = bb.features(inputs, "text", padding_mask).x
         pred = self.lm_head(h[mask])  # only the chosen positions (fairseq's masked_tokens)
         target = source[mask]
         if target.numel():

@@ -11,7 +11,9 @@ One training step for a batch of B samples of one modality (spec §2):
    mean of its last K blocks' FFN outputs, instance-normalised per layer, repeated M times;
 5. loss = Σ_d (pred − y)² · scale, averaged over masked tokens (+ the image CLS term).
 
-``model(source, modality) -> Data2VecOutput(loss, pred, target, mask, ...)``.
+``model(source, modality) -> Data2VecOutput(loss, pred, target, mask, ...)``;
+``model.features(source, modality) -> Features(x, padding_mask, ...)``: the student encoder's
+token features of unmasked input, the one feature path of fine-tuning, probes and ``d2v encode``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,66 @@ class Data2VecOutput:
     loss_terms: dict[str, torch.Tensor] = field(default_factory=dict)  # summed, unnormalised terms
     target_var: Optional[torch.Tensor] = None
     pred_var: Optional[torch.Tensor] = None
+
+
+@dataclass
+class Features:
+    """The student encoder's output for unmasked input (``Data2Vec2.features``)."""
+
+    x: torch.Tensor  # (B, T, D) per-token output of the chosen block, extra (CLS) tokens dropped
+    padding_mask: Optional[torch.Tensor]  # (B, T) True = pad, on x's device; None when nothing is padded
+    extra: torch.Tensor  # (B, E, D) the extra tokens' output (E = num_extra_tokens, may be 0)
+    layer_results: list[torch.Tensor] = field(default_factory=list)  # every block's FFN output (all_layers=True)
+
+
+def layer_index(layer: int, depth: int) -> int:
+    """Block ``layer`` (0-based; negative counts from the end) as an index in ``0..depth-1``."""
+    if not isinstance(layer, int) or not -depth <= layer < depth:
+        raise InputError(f"layer {layer!r} out of range: the model has {depth} blocks (0..{depth - 1}, or -1..-{depth})")
+    return layer % depth
+
+
+def token_padding_mask(enc: ModalityEncoder, source: torch.Tensor,
+                       padding_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The key padding mask (True = pad) of ``source``'s tokens, or None when nothing is padded.
+
+    ``padding_mask`` (B, tokens) is checked; when None it is derived from the source (text pads).
+    Deciding "nothing is padded" needs a look at the values; that is free on the CPU, so it is
+    only done there (pass a CPU padding mask from the loader to keep the GPU unsynced).
+    """
+    if padding_mask is None:
+        padding_mask = enc.padding_from_source(source)
+    if padding_mask is None:
+        return None
+    want = (source.shape[0], enc.num_tokens(tuple(source.shape)))
+    if tuple(padding_mask.shape) != want:
+        raise InputError(f"padding_mask must have shape (B, tokens) = {want}, got {tuple(padding_mask.shape)}")
+    if padding_mask.device.type == "cpu":
+        if not bool(padding_mask.any()):
+            return None
+        padding_mask = padding_mask.to(source.device, non_blocking=True)
+    return padding_mask.bool()
+
+
+def encoder_features(enc: ModalityEncoder, blocks: nn.ModuleList, source: torch.Tensor,
+                     padding_mask: Optional[torch.Tensor] = None, layer: int = -1, layerdrop: float = 0.0,
+                     all_layers: bool = False) -> Features:
+    """Unmasked ``source`` through ``enc`` (local + context encoder) and ``blocks[:layer + 1]``.
+
+    The body of ``Data2Vec2.features``, for modules that hold a model's encoder and blocks without
+    the rest (the fine-tuning heads). ``layerdrop`` applies in training mode only.
+    """
+    if not isinstance(source, torch.Tensor):
+        raise InputError(f"source must be a torch.Tensor, got {type(source).__name__}")
+    enc.check_input(source)
+    li = layer_index(layer, len(blocks))
+    local = enc.local_features(source)
+    padding_mask = token_padding_mask(enc, source, padding_mask)
+    ctx = enc.contextualize(local, padding_mask=padding_mask)
+    run = blocks if li == len(blocks) - 1 else blocks[: li + 1]
+    x, layers = run_blocks(run, ctx.x, ctx.bias, layerdrop, collect_from=0 if all_layers else None)
+    e = enc.num_extra_tokens
+    return Features(x[:, e:], padding_mask, x[:, :e], layers)
 
 
 def _init_bert_params(module: nn.Module) -> None:
@@ -153,6 +215,13 @@ class Data2Vec2(nn.Module):
             )
         return self.modality_encoders[modality]  # type: ignore[return-value]
 
+    def _modality(self, modality: Optional[str]) -> str:
+        if modality is None:
+            if len(self.modality_encoders) != 1:
+                raise InputError(f"modality is required: this model has {', '.join(self.modality_encoders)}")
+            modality = next(iter(self.modality_encoders))
+        return modality
+
     def make_mask(self, modality: str, batch_size: int, length: int, device=None, generator=None) -> torch.Tensor:
         """Draw ``batch_size * clone_batch`` masks (sample-major), True = masked."""
         return self.encoder(modality).make_mask(batch_size * self.cfg.clone_batch, length, device, generator)
@@ -178,26 +247,6 @@ class Data2Vec2(nn.Module):
         if n_masked == 0:
             raise InputError("the mask masks nothing: there is nothing to predict")
         return mask, n_masked
-
-    @staticmethod
-    def _padding(enc: ModalityEncoder, source: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """The key padding mask (True = pad), or None when nothing is padded.
-
-        Deciding "nothing is padded" needs a look at the values; that is free on the CPU, so it
-        is only done there (pass a CPU padding mask from the loader to keep the GPU unsynced).
-        """
-        if padding_mask is None:
-            padding_mask = enc.padding_from_source(source)
-        if padding_mask is None:
-            return None
-        want = (source.shape[0], enc.num_tokens(tuple(source.shape)))
-        if tuple(padding_mask.shape) != want:
-            raise InputError(f"padding_mask must have shape (B, tokens) = {want}, got {tuple(padding_mask.shape)}")
-        if padding_mask.device.type == "cpu":
-            if not bool(padding_mask.any()):
-                return None
-            padding_mask = padding_mask.to(source.device, non_blocking=True)
-        return padding_mask.bool()
 
     # ------------------------------------------------------------------ targets
     @torch.no_grad()
@@ -263,10 +312,7 @@ class Data2Vec2(nn.Module):
         drawn here when None. ``mask_noise``: optional ``(B*M, T-K, D)`` values for the decoder's
         masked positions (default N(0, mask_noise_std²)), for exact comparisons.
         """
-        if modality is None:
-            if len(self.modality_encoders) != 1:
-                raise InputError(f"modality is required: this model has {', '.join(self.modality_encoders)}")
-            modality = next(iter(self.modality_encoders))
+        modality = self._modality(modality)
         enc = self.encoder(modality)
         if not isinstance(source, torch.Tensor):
             raise InputError(f"source must be a torch.Tensor, got {type(source).__name__}")
@@ -278,7 +324,7 @@ class Data2Vec2(nn.Module):
         d = self.cfg.embed_dim
 
         T = enc.num_tokens(tuple(source.shape))
-        padding_mask = self._padding(enc, source, padding_mask)
+        padding_mask = token_padding_mask(enc, source, padding_mask)
         if mask is None:
             n_masked = enc.num_masked(T)
             if not 1 <= n_masked < T:
@@ -369,6 +415,19 @@ class Data2Vec2(nn.Module):
                 f"step {step}: prediction variance {pv:.4g} < min_pred_var={self.cfg.min_pred_var} (student collapsed)"
             )
 
+    def features(self, source: torch.Tensor, modality: Optional[str] = None,
+                 padding_mask: Optional[torch.Tensor] = None, layer: int = -1, all_layers: bool = False) -> Features:
+        """The student encoder's token features of unmasked ``source``: no mask, no decoder, no teacher.
+
+        ``padding_mask``: optional (B, tokens), True = pad (text: derived from the pad id when None).
+        ``layer``: the block whose output is ``x`` (0-based; negative counts from the end; -1 = the
+        final output). ``all_layers``: also return every block's FFN output (``layer_results``).
+        Gradients flow (wrap in ``torch.no_grad()`` for inference); layerdrop applies in training
+        mode, as in ``forward``.
+        """
+        enc = self.encoder(self._modality(modality))
+        return encoder_features(enc, self.blocks, source, padding_mask, layer, self.cfg.layerdrop, all_layers)
+
     @torch.no_grad()
     def extract_features(
         self,
@@ -377,20 +436,12 @@ class Data2Vec2(nn.Module):
         padding_mask: Optional[torch.Tensor] = None,
         remove_extra_tokens: bool = True,
     ) -> dict[str, object]:
-        """Student features without masking: ``x`` (B, T, D) and every block's FFN output."""
-        if modality is None:
-            if len(self.modality_encoders) != 1:
-                raise InputError(f"modality is required: this model has {', '.join(self.modality_encoders)}")
-            modality = next(iter(self.modality_encoders))
-        enc = self.encoder(modality)
-        enc.check_input(source)
-        local = enc.local_features(source)
-        padding_mask = self._padding(enc, source, padding_mask)
-        ctx = enc.contextualize(local, padding_mask=padding_mask)
-        x, layers = run_blocks(self.blocks, ctx.x, ctx.bias, collect_from=0)
-        if remove_extra_tokens:
-            x = x[:, enc.num_extra_tokens:]
-        return {"x": x, "layer_results": layers, "padding_mask": padding_mask}
+        """fairseq's ``extract_features(mask=False)``: ``x`` (B, T, D), every block's FFN output
+        (``layer_results``) and the padding mask (see ``features``)."""
+        enc = self.encoder(self._modality(modality))
+        f = encoder_features(enc, self.blocks, source, padding_mask, all_layers=True)  # no layerdrop, as before
+        x = f.x if remove_extra_tokens else torch.cat([f.extra, f.x], dim=1)
+        return {"x": x, "layer_results": f.layer_results, "padding_mask": f.padding_mask}
 
     # ------------------------------------------------------------------ optimiser groups
     def param_groups(self, weight_decay: float) -> list[dict]:

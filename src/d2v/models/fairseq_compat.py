@@ -271,8 +271,7 @@ def load_fairseq_checkpoint(path) -> dict[str, Any]:
     from pathlib import Path
 
     from d2v.errors import InputError
-
-    from .export import torch_load_checked
+    from d2v.io import torch_load_checked
 
     path = Path(path)
     if path.is_dir():
@@ -477,37 +476,3 @@ def _sha256(path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def convert_fairseq(checkpoint, out_dir, *, dictionary=None, teacher_from_student: bool = False):
-    """``d2v convert --from-fairseq``: a fairseq data2vec 2.0 checkpoint -> a d2v model folder.
-
-    ``dictionary``: the fairseq ``dict.txt`` of a text model (its size is checked against the
-    embedding; GPT-2 BPE ``encoder.json`` + ``vocab.bpe`` beside it are copied too). Returns the
-    folder. Errors (not data2vec 2.0, truncated, refused pickle, key/shape mismatch) are
-    ``InputError`` naming the file.
-    """
-    from pathlib import Path
-
-    from d2v.errors import InputError
-
-    from .export import save_model_dir
-
-    checkpoint = Path(checkpoint)
-    ck = load_fairseq_checkpoint(checkpoint)
-    model, meta = model_from_fairseq_checkpoint(ck, str(checkpoint), teacher_from_student=teacher_from_student)
-    tokenizer = None
-    if dictionary is not None:
-        if model.cfg.text is None:
-            raise InputError(f"{dictionary}: a dictionary was given but {checkpoint} is not a text model")
-        syms = read_fairseq_dictionary(dictionary)
-        if len(syms) != model.cfg.text.vocab_size:
-            raise InputError(f"{dictionary}: {len(syms)} symbols (4 specials + {len(syms) - 5} lines + <mask>) but the "
-                             f"checkpoint's embedding has {model.cfg.text.vocab_size} rows")
-        tokenizer = Path(dictionary)
-    extra = {
-        "fairseq": {"file": checkpoint.name, "sha256": _sha256(checkpoint), "modality": meta["modality"],
-                    "num_updates": meta["num_updates"], "teacher": meta["teacher"], "model_cfg": meta["fairseq_model_cfg"]},
-        "preprocess": fairseq_preprocess(model.cfg),
-    }
-    return save_model_dir(model, out_dir, tokenizer=tokenizer, source=f"fairseq:{checkpoint.name}", extra=extra)

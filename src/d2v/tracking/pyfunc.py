@@ -1,6 +1,6 @@
 """The MLflow model flavour of a d2v encoder: a pyfunc that returns embeddings.
 
-``log_encoder(model_dir, run_id)`` logs a model folder (``d2v.models.export``) as the pyfunc
+``log_encoder(model_dir, run_id)`` logs a model folder (``d2v.models.model_dir``) as the pyfunc
 model's artifact ``model_dir``; ``mlflow models serve -m models:/<name>@champion --env-manager local``
 then answers ``POST /invocations``.
 
@@ -36,10 +36,9 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Optional
-
-import warnings
 
 import mlflow
 import mlflow.pyfunc
@@ -159,14 +158,14 @@ def log_encoder(model_dir: Path, run_id: str, artifact_path: str = "encoder",
     ``mlflow models serve -m <uri> --env-manager local`` (``d2v`` must be importable there).
     """
     from d2v.errors import InputError
-    from d2v.models.export import CONFIG_FILE, FORMAT
+    from d2v.models.model_dir import CONFIG_FILE, FORMAT
 
     from .mlflow_utils import tracking_uri
 
     model_dir = Path(model_dir)
     cfg = model_dir / CONFIG_FILE
     if not cfg.is_file() or FORMAT not in cfg.read_text():
-        raise InputError(f"{model_dir}: not a d2v model folder (save it with d2v.models.export.save_model_dir)")
+        raise InputError(f"{model_dir}: not a d2v model folder (save it with d2v.models.model_dir.save_model_dir)")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     mlflow.set_tracking_uri(tracking_uri())
     active = mlflow.active_run()

@@ -111,18 +111,18 @@ def register_all(tasks: list[str], prefix: str, init: str, reports: Path = Path(
         source = f"{cl.get_run(run_id).info.artifact_uri}/classifier"
         regs.append(register_version(
             cl, f"{prefix}-{task}-classifier", source, run_id, f"{ev['split']}_accuracy", float(ev["accuracy"]),
-            description=f"data2vec 2.0 {task} classifier (d2v finetune); load with d2v.train.finetune.load_classifier",
+            description=f"data2vec 2.0 {task} classifier (d2v finetune); load with d2v.models.classifier_dir.load_classifier",
             tags={"task": task, "baseline_accuracy": repr(ev["baseline_accuracy"])}))
 
     pre = _read(reports / "pretrain.json")
     run_id = pre.get("mlflow_run_id") or ""
     if not run_id:
         raise InputError(f"{reports / 'pretrain.json'}: no mlflow_run_id (was train.track false?)")
-    from d2v.models.export import load_model_dir, save_model_dir
+    from d2v.models.model_dir import load_model_dir, save_model_dir
     from d2v.tracking.pyfunc import log_encoder
 
     probe = sum(float(e["probe_accuracy"]) for e in evals.values()) / max(1, len(evals))
-    model, info = load_model_dir(init)
+    model, info = load_model_dir(init, tokenizer_fallback=tokenizer)
     # The tokenizer the checkpoint was trained with (spm file or byte-level), else the project's.
     tok = info.get("tokenizer") or (tokenizer if tokenizer is not None and tokenizer.is_file() else None)
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,8 +2,9 @@
 
 ``reports/metrics/eval_<task>.json`` holds
 
-* ``accuracy`` / ``baseline_accuracy``: the classifiers fine-tuned from the pretrained and from a
-  random encoder (same budget, ``d2v finetune``), on ``finetune.<task>.eval_split``;
+* ``accuracy`` / ``baseline_accuracy``: the heads fine-tuned from the pretrained and from a
+  random encoder (same budget, ``d2v finetune``), on ``finetune.<task>.eval_split``, with every
+  other score the head gives (a CTC head: ``wer``, ``cer``; accuracy = 1 - WER);
 * ``probe_accuracy`` / ``probe_baseline_accuracy``: an L2-regularised logistic regression on the
   frozen, mean-pooled last-block features of the pretrained and of a random encoder (standardised
   features, the same training subset, ``probe_max_train`` samples);
@@ -21,10 +22,11 @@ import numpy as np
 import torch
 
 from d2v.config import Config, to_dict
+from d2v.data.downstream import LabelledSplit
 from d2v.errors import InputError
-from d2v.train.downstream_data import LabelledSplit
-from d2v.train.finetune import (Classifier, accuracy, load_backbone, load_classifier, load_task_data, predict,
-                                task_setup)
+from d2v.models.classifier_dir import load_classifier
+from d2v.models.heads import Classifier
+from d2v.train.finetune import load_backbone, load_task_data, task_setup
 
 
 @torch.no_grad()
@@ -94,21 +96,13 @@ def evaluate_task(cfg: Config, task: str, metrics_path: Optional[Path] = None,
 
     report: dict[str, Any] = {"task": task, "split": tc.eval_split, "eval_samples": len(test),
                               "probe_train_samples": len(probe_train)}
-    clf.to(device)
     pred = None
-    if clf.head_kind == "ctc":  # speech recognition: accuracy = word accuracy (1 - WER)
-        from d2v.train.ctc import transcribe_split
-
-        for prefix, model in (("", clf), ("baseline_", base)):
-            scores = transcribe_split(model, test, 256, device)
-            report[f"{prefix}accuracy"] = 1.0 - scores["wer"]
-            report[f"{prefix}wer"], report[f"{prefix}cer"] = scores["wer"], scores["cer"]
-            print(f"{task} CTC ({prefix or 'pretrained_'}model): WER {scores['wer']:.4f}, CER {scores['cer']:.4f}; e.g. "
-                  + "; ".join(f"{r!r} -> {h!r}" for h, r in zip(scores["hyps"][:3], scores["refs"][:3])), flush=True)
-    else:
-        pred = predict(clf, test, 256, device)
-        report["accuracy"] = float((pred == test.label).float().mean())
-        report["baseline_accuracy"] = accuracy(base.to(device), test, 256, device)
+    for prefix, model in (("", clf), ("baseline_", base)):
+        scores = model.score(test, 256, device)  # accuracy, and e.g. wer / cer; per-sample outputs
+        report.update({f"{prefix}{k}": v for k, v in scores.items() if isinstance(v, float)})
+        if not prefix:
+            pred = scores.get("pred")  # classes per sample: the confusion matrix
+        print(f"{task} {model.head_kind} ({prefix or 'pretrained_'}model): {model.describe(scores)}", flush=True)
 
     y_tr, y_te = probe_train.label.numpy(), test.label.numpy()
     for key, init in (("probe_accuracy", ft.init), ("probe_baseline_accuracy", "random")):

@@ -21,7 +21,11 @@ A model folder ``DIR`` holds:
 ``save_model_dir`` writes a folder atomically (a temp folder, then a rename). ``load_model_dir``
 reads a folder, a pretraining checkpoint (``models/pretrain/checkpoint.pt``: a dict with ``model``,
 ``config``, ``optimizer``, ``step`` ...) or a fairseq ``data2vec_multi`` checkpoint (converted on the
-fly); every failure is an ``InputError`` naming the path.
+fly); every failure is an ``InputError`` naming the path. ``convert_fairseq`` writes a fairseq
+checkpoint out as a folder (``d2v convert``).
+
+This module knows no project layout: where a project keeps its tokenizer is the caller's to say
+(``load_model_dir(..., tokenizer_fallback=...)``).
 """
 
 from __future__ import annotations
@@ -31,13 +35,13 @@ import json
 import os
 import shutil
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import torch
 
 from d2v.errors import ConfigError, InputError
+from d2v.io import save_torch, torch_load_checked
 
 from .config import ModelConfig
 
@@ -71,84 +75,6 @@ def model_config_from_dict(d: Mapping[str, Any], where: str = "model") -> ModelC
         msg = str(e).splitlines()[0]
         raise ConfigError(f"{where}.{key}: {msg}" if key else f"{where}: {msg}") from e
     return cfg.validate()
-
-
-# ------------------------------------------------------------------------------------ file writing
-class _WriteRecorder:
-    """A file wrapper that remembers the OSError of a failed write: ``torch.save`` turns it into
-    a bare "unexpected pos" RuntimeError, which would hide a full disk."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, b) -> int:
-        try:
-            return self.f.write(b)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def save_torch(obj: Any, path: Path) -> None:
-    """``torch.save(obj, path)`` then fsync; a failed write (disk full, quota, I/O error) raises
-    ``OSError`` with the cause's errno and a message naming ``path`` (the partial file is left to
-    the caller, who wrote it to a temporary name)."""
-    rec = None
-    try:
-        with open(path, "wb") as f:
-            rec = _WriteRecorder(f)
-            torch.save(obj, rec)
-            f.flush()
-            os.fsync(f.fileno())
-    except (OSError, RuntimeError) as e:
-        cause = rec.error if rec is not None and rec.error is not None else e
-        code = getattr(cause, "errno", None)
-        why = os.strerror(code) if code else f"{type(cause).__name__}: {_first_line(str(cause))}"
-        raise (OSError(code, f"{path}: {why}") if code else OSError(f"{path}: {why}")) from cause
-
-
-# ------------------------------------------------------------------------------------ file reading
-def torch_load_checked(path: Path, map_location: str = "cpu") -> Any:
-    """``torch.load(weights_only=True)`` with every failure turned into an ``InputError`` naming ``path``.
-
-    Only tensors and plain containers load; a pickle that names any other global is refused
-    (before anything it names is called).
-    """
-    import pickle
-
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError as e:
-        raise InputError(f"{path}: no such file") from e
-    except IsADirectoryError as e:
-        raise InputError(f"{path}: is a folder, expected a checkpoint file") from e
-    except pickle.UnpicklingError as e:
-        msg = str(e)
-        if "Unsupported global" in msg or "unsupported GLOBAL" in msg or "Can only" in msg or "blocked" in msg:
-            detail = _refusal_detail(msg)
-            raise InputError(f"{path}: refused to load: the pickle names {detail}, outside the allowed set "
-                             "(tensors and plain containers); nothing from it was executed") from e
-        raise InputError(f"{path}: truncated or corrupt checkpoint ({_first_line(msg)})") from e
-    except (zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError, KeyError, AttributeError,
-            TypeError, IndexError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: truncated or corrupt checkpoint ({type(e).__name__}: {_first_line(str(e))})") from e
-
-
-def _first_line(msg: str) -> str:
-    return (msg.strip().splitlines() or [""])[0][:300]
-
-
-def _refusal_detail(msg: str) -> str:
-    import re
-
-    m = re.search(r"GLOBAL (\S+)", msg)
-    if m:
-        return f"the global {m.group(1)}"
-    m = re.search(r"(but got|function) (.+?)(\.|$)", msg)
-    return m.group(2)[:200] if m else "a class or function"
 
 
 # ------------------------------------------------------------------------------------ weights check
@@ -310,22 +236,22 @@ def _load_folder(folder: Path, map_location: str):
     return model, info
 
 
-def _project_tokenizer(ckpt: Path, config: Mapping[str, Any], model_cfg: ModelConfig) -> Optional[dict[str, Any]]:
-    """The tokenizer a pretraining checkpoint was trained with (text models only)."""
+def _project_tokenizer(ckpt: Path, config: Mapping[str, Any], model_cfg: ModelConfig,
+                       fallback: Optional[Path] = None) -> Optional[dict[str, Any]]:
+    """The tokenizer a pretraining checkpoint was trained with (text models only): byte-level for
+    ``data.source=sample``, else ``spm.model`` beside the checkpoint, else the ``fallback`` file."""
     if model_cfg.text is None:
         return None
     data = config.get("data") if isinstance(config.get("data"), Mapping) else {}
     if data.get("source", "sample") == "sample":
         return {"type": "bytes"}
-    from d2v.config import PROJECT_ROOT
-
-    for cand in (ckpt.parent / SPM_FILE, PROJECT_ROOT / "models" / "tokenizer" / SPM_FILE):
+    for cand in (ckpt.parent / SPM_FILE, *([Path(fallback)] if fallback is not None else [])):
         if cand.is_file():
             return {"type": "spm", "file": SPM_FILE, "path": str(cand.resolve())}
     return None
 
 
-def _load_file(path: Path, map_location: str):
+def _load_file(path: Path, map_location: str, tokenizer_fallback: Optional[Path] = None):
     if path.name == WEIGHTS_FILE and (path.parent / CONFIG_FILE).is_file():
         return _load_folder(path.parent, map_location)
     from .fairseq_compat import FAIRSEQ_SAFE_GLOBALS, is_fairseq_checkpoint
@@ -344,7 +270,7 @@ def _load_file(path: Path, map_location: str):
     info = {
         "format": FORMAT, "kind": "checkpoint", "path": str(path), "model": model_config_to_dict(model.cfg),
         "source": f"pretrain:{path.name}", "extra": {"step": obj.get("step")},
-        "tokenizer": _project_tokenizer(path, config, model.cfg),
+        "tokenizer": _project_tokenizer(path, config, model.cfg, tokenizer_fallback),
     }
     return model, info
 
@@ -367,17 +293,56 @@ def _load_fairseq(path: Path, obj: Mapping[str, Any], map_location: str):
     return model.to(map_location), info
 
 
-def load_model_dir(path: Union[str, Path], map_location: str = "cpu"):
+def load_model_dir(path: Union[str, Path], map_location: str = "cpu", *,
+                   tokenizer_fallback: Union[None, str, Path] = None):
     """Load a model folder or a pretraining checkpoint file -> ``(Data2Vec2 in eval mode, info)``.
 
     A fairseq data2vec 2.0 checkpoint is accepted too (converted in memory, its ``dict.txt`` looked
     for beside it). ``info`` holds ``format``, ``kind`` (folder|checkpoint|fairseq), ``path``, ``model`` (the config dict),
     ``source``, ``extra`` and ``tokenizer`` (``None`` or a dict with ``type`` and, for file-based
-    tokenizers, the absolute ``path``).
+    tokenizers, the absolute ``path``). ``tokenizer_fallback``: the ``spm.model`` of a pretraining
+    checkpoint's text model when none lies beside the checkpoint (the project's tokenizer stage output).
     """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such model folder or checkpoint file")
     if path.is_dir():
         return _load_folder(path, map_location)
-    return _load_file(path, map_location)
+    return _load_file(path, map_location, Path(tokenizer_fallback) if tokenizer_fallback is not None else None)
+
+
+# ------------------------------------------------------------------------------------ fairseq
+def convert_fairseq(checkpoint, out_dir, *, dictionary=None, teacher_from_student: bool = False) -> Path:
+    """``d2v convert --from-fairseq``: a fairseq data2vec 2.0 checkpoint -> a d2v model folder.
+
+    ``dictionary``: the fairseq ``dict.txt`` of a text model (its size is checked against the
+    embedding; GPT-2 BPE ``encoder.json`` + ``vocab.bpe`` beside it are copied too). Returns the
+    folder. Errors (not data2vec 2.0, truncated, refused pickle, key/shape mismatch) are
+    ``InputError`` naming the file.
+    """
+    from .fairseq_compat import (
+        _sha256,
+        fairseq_preprocess,
+        load_fairseq_checkpoint,
+        model_from_fairseq_checkpoint,
+        read_fairseq_dictionary,
+    )
+
+    checkpoint = Path(checkpoint)
+    ck = load_fairseq_checkpoint(checkpoint)
+    model, meta = model_from_fairseq_checkpoint(ck, str(checkpoint), teacher_from_student=teacher_from_student)
+    tokenizer = None
+    if dictionary is not None:
+        if model.cfg.text is None:
+            raise InputError(f"{dictionary}: a dictionary was given but {checkpoint} is not a text model")
+        syms = read_fairseq_dictionary(dictionary)
+        if len(syms) != model.cfg.text.vocab_size:
+            raise InputError(f"{dictionary}: {len(syms)} symbols (4 specials + {len(syms) - 5} lines + <mask>) but the "
+                             f"checkpoint's embedding has {model.cfg.text.vocab_size} rows")
+        tokenizer = Path(dictionary)
+    extra = {
+        "fairseq": {"file": checkpoint.name, "sha256": _sha256(checkpoint), "modality": meta["modality"],
+                    "num_updates": meta["num_updates"], "teacher": meta["teacher"], "model_cfg": meta["fairseq_model_cfg"]},
+        "preprocess": fairseq_preprocess(model.cfg),
+    }
+    return save_model_dir(model, out_dir, tokenizer=tokenizer, source=f"fairseq:{checkpoint.name}", extra=extra)

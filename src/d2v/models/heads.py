@@ -1,0 +1,272 @@
+"""Downstream heads on a data2vec 2.0 encoder, each with its loss and its scores.
+
+* ``Classifier``: the student's encoder path of one modality (local encoder, context encoder,
+  shared blocks; decoder and teacher dropped), mean-pooled over the real tokens (extra tokens and
+  padding excluded), then LayerNorm(eps 1e-6) and a Linear head (trunc-normal 0.02, zero bias):
+  the spec's §6 image recipe, used for all three modalities. ``pool_norm="batch"`` swaps the
+  LayerNorm for a BatchNorm without affine (per-feature standardisation, as MAE's linear probe).
+  Loss: cross-entropy with label smoothing; score: accuracy.
+* ``CTCRecognizer``: the speech path without the pooling; each 20 ms frame goes to a Linear layer
+  over letters (fairseq's ``final_proj``, ``d2v.models.ctc``). Loss: CTC; scores: WER, CER and
+  word accuracy ``1 - WER`` (the task's ``accuracy``).
+
+Token features come from ``encoder_features``, the body of ``Data2Vec2.features``.
+
+The data a head trains on and scores is any object with ``source``, ``lengths``, ``label`` and
+``keys`` (CTC: also ``texts``, ``split``, ``modality``, ``cropped``), e.g.
+``d2v.data.downstream.LabelledSplit``. ``HEADS`` maps ``finetune.<task>.head`` to the class.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from d2v.errors import InputError
+
+from .ctc import LETTERS, ctc_loss, decode_letters, error_rates, reference
+from .data2vec2 import Data2Vec2, encoder_features
+
+
+class LabelledData(Protocol):
+    """What a head reads from a labelled split (``d2v.data.downstream.LabelledSplit``)."""
+
+    modality: str
+    split: str
+    source: torch.Tensor
+    label: torch.Tensor
+    keys: list[str]
+    lengths: Optional[torch.Tensor]
+    texts: Optional[list[str]]
+    cropped: int
+
+    def __len__(self) -> int: ...
+
+
+def _batches(data: LabelledData, batch_size: int, device: torch.device):
+    for i in range(0, len(data), batch_size):
+        lengths = data.lengths[i : i + batch_size] if data.lengths is not None else None
+        yield data.source[i : i + batch_size].to(device), lengths
+
+
+class Classifier(nn.Module):
+    """``model(source, lengths=None) -> logits``; ``features(...)`` gives the pooled vector."""
+
+    head_kind = "classify"
+
+    def __init__(self, backbone: Data2Vec2, modality: str, num_classes: int, freeze_local: bool = False,
+                 pool_norm: str = "layer"):
+        super().__init__()
+        if modality not in backbone.modality_encoders:
+            raise InputError(f"the model has no {modality!r} encoder (it has {', '.join(backbone.modality_encoders)})")
+        self.modality = modality
+        self.model_cfg = backbone.cfg
+        self.encoder = backbone.modality_encoders[modality]
+        self.encoder.decoder = None  # the pretraining decoder is not part of the classifier
+        if freeze_local:  # no gradient, so no backward pass through the (speech CNN) local encoder
+            self.encoder.local_encoder.requires_grad_(False)
+        self.blocks = backbone.blocks
+        self.layerdrop = backbone.cfg.layerdrop
+        d = backbone.cfg.embed_dim
+        if pool_norm not in ("layer", "batch"):
+            raise InputError(f"pool_norm must be 'layer' or 'batch', got {pool_norm!r}")
+        self.pool_norm = pool_norm
+        self.fc_norm = nn.LayerNorm(d, eps=1e-6) if pool_norm == "layer" else nn.BatchNorm1d(d, affine=False)
+        self.head = nn.Linear(d, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    # -- building and saving --------------------------------------------------------------------
+    @classmethod
+    def build(cls, backbone: Data2Vec2, modality: str, num_classes: int, freeze_local: bool = False,
+              pool_norm: str = "layer") -> "Classifier":
+        """The head of a task config (``make_head``)."""
+        return cls(backbone, modality, num_classes, freeze_local=freeze_local, pool_norm=pool_norm)
+
+    def head_config(self) -> dict[str, Any]:
+        """What a classifier folder's ``config.json`` records to rebuild this head."""
+        return {"modality": self.modality, "num_classes": self.head.out_features, "pool_norm": self.pool_norm,
+                "head": self.head_kind}
+
+    @classmethod
+    def from_config(cls, backbone: Data2Vec2, meta: dict[str, Any]) -> "Classifier":
+        return cls(backbone, meta["modality"], int(meta["num_classes"]), pool_norm=meta.get("pool_norm", "layer"))
+
+    # -- features -------------------------------------------------------------------------------
+    def token_padding(self, source: torch.Tensor, lengths: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Token-level padding (True = pad) from per-sample lengths (speech samples, text tokens)."""
+        if lengths is None:
+            return None
+        if self.modality == "speech":
+            frames = torch.tensor([self.encoder.local_encoder.output_length(int(n)) for n in lengths])
+            t = self.encoder.num_tokens(tuple(source.shape))
+        else:
+            frames, t = lengths.cpu(), source.shape[1]
+        return torch.arange(t).unsqueeze(0) >= frames.unsqueeze(1)
+
+    def token_features(self, source: torch.Tensor, lengths: Optional[torch.Tensor] = None
+                       ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Last-block output per token (extra tokens dropped), (B, T, D), and the padding mask."""
+        if lengths is not None:
+            self.encoder.check_input(source)  # before the lengths are read against its shape
+        f = encoder_features(self.encoder, self.blocks, source, self.token_padding(source, lengths),
+                             layerdrop=self.layerdrop)
+        return f.x, f.padding_mask
+
+    def features(self, source: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x, pad = self.token_features(source, lengths)
+        if pad is None:
+            return x.mean(1)
+        keep = (~pad).unsqueeze(-1).to(x.dtype)
+        return (x * keep).sum(1) / keep.sum(1).clamp_min(1)
+
+    def forward(self, source: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.head(self.fc_norm(self.features(source, lengths)))
+
+    # -- training -------------------------------------------------------------------------------
+    def check_data(self, data: LabelledData) -> None:
+        """Refuse a split this head cannot learn or score (nothing to check for classes)."""
+
+    def targets(self, data: LabelledData, idx: torch.Tensor) -> Any:
+        """The targets of rows ``idx`` of ``data``, as ``loss`` takes them."""
+        return data.label[idx]
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        """Cross-entropy of ``logits`` (B, C) against class ids ``targets`` (B,)."""
+        return F.cross_entropy(logits, targets.to(logits.device), label_smoothing=label_smoothing)
+
+    def layer_param_groups(self, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
+        """AdamW groups with lr x layer_decay^(depth + 1 - layer); no decay on 1-D/bias tensors."""
+        depth = len(self.blocks)
+        groups: dict[tuple[int, bool], dict] = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if name.startswith("blocks."):
+                layer = int(name.split(".")[1]) + 1
+            elif name.startswith(("fc_norm.", "head.")):
+                layer = depth + 1
+            else:
+                layer = 0
+            no_wd = p.ndim <= 1 or name.endswith(".bias") or "alibi_scale" in name
+            g = groups.setdefault((layer, no_wd), {
+                "params": [], "weight_decay": 0.0 if no_wd else weight_decay,
+                "lr_scale": layer_decay ** (depth + 1 - layer), "layer": layer,
+            })
+            g["params"].append(p)
+        return list(groups.values())
+
+    # -- scoring --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, data: LabelledData, batch_size: int, device: torch.device) -> torch.Tensor:
+        """Predicted class per sample (eval mode, batched), on the CPU."""
+        self.to(device).eval()
+        return torch.cat([self(src, lengths).argmax(-1).cpu() for src, lengths in _batches(data, batch_size, device)])
+
+    def score(self, data: LabelledData, batch_size: int, device: torch.device) -> dict[str, Any]:
+        """``{"accuracy": float, "pred": (N,) predicted classes}``."""
+        pred = self.predict(data, batch_size, device)
+        return {"accuracy": float((pred == data.label).float().mean()), "pred": pred}
+
+    def describe(self, scores: dict[str, Any]) -> str:
+        return f"accuracy {scores['accuracy']:.4f}"
+
+
+class CTCRecognizer(Classifier):
+    """``model(source, lengths) -> (B, T, V)`` per-frame log-probabilities over ``LETTERS``.
+
+    The speech path of a ``Classifier`` (same layer-wise lr groups, same padding), without the
+    pooling: each frame goes straight to the letter layer, as fairseq's ``final_proj``."""
+
+    head_kind = "ctc"
+
+    def __init__(self, backbone: Data2Vec2, freeze_local: bool = True):
+        super().__init__(backbone, "speech", len(LETTERS), freeze_local=freeze_local)
+        self.fc_norm = nn.Identity()
+
+    @classmethod
+    def build(cls, backbone: Data2Vec2, modality: str, num_classes: int, freeze_local: bool = True,
+              pool_norm: str = "layer") -> "CTCRecognizer":
+        if modality != "speech":
+            raise InputError(f"the CTC head (letter targets) is for speech only, not {modality}")
+        return cls(backbone, freeze_local=freeze_local)
+
+    @classmethod
+    def from_config(cls, backbone: Data2Vec2, meta: dict[str, Any]) -> "CTCRecognizer":
+        return cls(backbone)
+
+    def forward(self, source: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.head(self.token_features(source, lengths)[0]).log_softmax(-1)
+
+    def _frames(self, t: int, batch: int, lengths: Optional[torch.Tensor]) -> torch.Tensor:
+        if lengths is None:
+            return torch.full((batch,), t, dtype=torch.long)
+        return torch.tensor([min(t, self.encoder.local_encoder.output_length(int(n))) for n in lengths])
+
+    def frames(self, source: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
+        """Valid frames per clip, (B,)."""
+        return self._frames(self.encoder.num_tokens(tuple(source.shape)), source.shape[0], lengths)
+
+    @torch.no_grad()
+    def transcribe(self, source: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> list[str]:
+        best = self(source, lengths).argmax(-1).cpu()
+        return [decode_letters(row[:n].tolist()) for row, n in zip(best, self.frames(source, lengths).tolist())]
+
+    # -- training -------------------------------------------------------------------------------
+    def check_data(self, data: LabelledData) -> None:
+        """CTC needs each clip's transcript and the whole clip: a cropped clip no longer says it."""
+        if data.texts is None:
+            raise InputError(f"{data.modality} split {data.split!r} has no transcripts: CTC needs speech metadata labels")
+        if data.cropped:
+            raise InputError(f"speech split {data.split!r}: {data.cropped} clip(s) are longer than "
+                             f"finetune.speech.audio_seconds and were cropped, so their transcripts no longer match; "
+                             f"raise finetune.speech.audio_seconds for CTC")
+
+    def targets(self, data: LabelledData, idx: torch.Tensor) -> Any:
+        """(transcripts, keys, lengths) of rows ``idx``."""
+        rows = idx.tolist()
+        assert data.texts is not None
+        return ([data.texts[i] for i in rows], [data.keys[i] for i in rows],
+                data.lengths[idx] if data.lengths is not None else None)
+
+    def loss(self, log_probs: torch.Tensor, targets: Any, label_smoothing: float = 0.0) -> torch.Tensor:
+        """Mean CTC loss of ``log_probs`` (B, T, V) against ``targets`` from ``targets()``
+        (label smoothing does not apply)."""
+        texts, keys, lengths = targets
+        return ctc_loss(log_probs, self._frames(log_probs.shape[1], log_probs.shape[0], lengths), texts, keys)
+
+    # -- scoring --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, data: LabelledData, batch_size: int, device: torch.device) -> dict[str, Any]:
+        """Greedy transcripts and their scores: ``{"accuracy": 1 - WER, "wer", "cer", "hyps", "refs"}``."""
+        self.check_data(data)
+        self.to(device).eval()
+        hyps: list[str] = []
+        for src, lengths in _batches(data, batch_size, device):
+            hyps += self.transcribe(src, lengths)
+        assert data.texts is not None
+        refs = [reference(t, k) for t, k in zip(data.texts, data.keys)]
+        wer, cer = error_rates(hyps, refs)
+        return {"accuracy": 1.0 - wer, "wer": wer, "cer": cer, "hyps": hyps, "refs": refs}
+
+    def describe(self, scores: dict[str, Any]) -> str:
+        return (f"WER {scores['wer']:.4f}, CER {scores['cer']:.4f}; e.g. "
+                + "; ".join(f"{r!r} -> {h!r}" for h, r in zip(scores["hyps"][:3], scores["refs"][:3])))
+
+
+HEADS: dict[str, type[Classifier]] = {"classify": Classifier, "ctc": CTCRecognizer}
+
+
+def head_class(kind: str) -> type[Classifier]:
+    if kind not in HEADS:
+        raise InputError(f"unknown head {kind!r}; expected one of {', '.join(HEADS)}")
+    return HEADS[kind]
+
+
+def make_head(kind: str, backbone: Data2Vec2, modality: str, num_classes: int, freeze_local: bool = False,
+              pool_norm: str = "layer") -> Classifier:
+    """The fine-tuning model of ``finetune.<task>.head``: a ``Classifier`` or a ``CTCRecognizer``."""
+    return head_class(kind).build(backbone, modality, num_classes, freeze_local=freeze_local, pool_norm=pool_norm)
