@@ -198,3 +198,18 @@ def test_a_bare_pretrain_writes_under_runs_and_the_stage_writes_the_dvc_outputs(
                  "data.num_samples=8", "--no-progress"]) == 0
     assert {p.name for p in (tmp_path / "runs/pretrain").iterdir()} >= {"checkpoint.pt", "metrics.json", "loss.tsv"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+def test_reports_of_a_quick_finetune_go_beside_its_models_not_over_the_pipeline_reports():
+    """`d2v finetune/evaluate/register` without --params write runs/reports/...; with params.yaml
+    (models/finetune) they write the reports/ files the DVC stages declare."""
+    from d2v.cli.common import reports_root
+
+    stages = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
+    declared = {next(iter(m)) for m in stages["finetune"]["do"]["metrics"]}
+    assert declared == {"reports/metrics/finetune_${item}.json"}
+    staged = from_dict(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text()))
+    assert reports_root(staged.finetune.out_dir) / "metrics/finetune_${item}.json" == Path(next(iter(declared)))
+    bare = load_config()
+    assert reports_root(bare.finetune.out_dir) == Path("runs/reports")
+    assert reports_root("/tmp/exp1/finetune") == Path("/tmp/exp1/reports")

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from d2v.errors import CollapseError, ConfigError, InputError
 
@@ -45,6 +43,14 @@ def config_from_args(ns: argparse.Namespace) -> "Config":
         except ConfigError as e:
             raise ConfigError(f"{ns.params}: {e}") from e
     return load_config(ns.overrides, config_name=ns.config_name)
+
+
+def reports_root(model_dir: str | Path) -> Path:
+    """Where a stage's reports go: ``reports/`` for the pipeline's model folders (``models/...``, what
+    the DVC stages write), else a ``reports/`` folder beside the models (``runs/reports`` for a
+    quick run composed from ``conf/config.yaml``), so a try-out never overwrites the DVC outputs."""
+    parent = Path(model_dir).parent
+    return Path("reports") if parent == Path("models") else parent / "reports"
 
 
 def run_cli(fn: Callable[[], int]) -> int:

@@ -5,8 +5,10 @@ Examples:
   d2v finetune --task image --params params.yaml        # what `dvc repro` runs
   d2v finetune --task text data=default finetune.text.steps=100
   d2v finetune --task speech --config-name pipeline finetune.speech.head=ctc   # letter CTC (WER/CER)
-Writes models/finetune/<task>/{pretrained,random}/ (config.json + weights.pt),
-reports/metrics/finetune_<task>.json and reports/plots/finetune_<task>.tsv.
+Writes <finetune.out_dir>/<task>/{pretrained,random}/ (config.json + weights.pt),
+<reports>/metrics/finetune_<task>.json and <reports>/plots/finetune_<task>.tsv, where <reports> is
+reports/ for the pipeline's models/finetune (--params params.yaml), else runs/reports/ beside a
+quick run's runs/finetune.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from d2v.cli.common import add_config_args, config_from_args, run_cli
+from d2v.cli.common import add_config_args, config_from_args, reports_root, run_cli
 from d2v.models.config import MODALITIES
 
 
@@ -24,17 +26,18 @@ def main(argv: list[str]) -> int:
     p.add_argument("--task", required=True, choices=MODALITIES, help="the downstream task (one per modality)")
     add_config_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--metrics", type=Path, default=None, help="metrics JSON (default reports/metrics/finetune_<task>.json)")
-    p.add_argument("--history", type=Path, default=None, help="loss TSV (default reports/plots/finetune_<task>.tsv)")
+    p.add_argument("--metrics", type=Path, default=None, help="metrics JSON (default <reports>/metrics/finetune_<task>.json)")
+    p.add_argument("--history", type=Path, default=None, help="loss TSV (default <reports>/plots/finetune_<task>.tsv)")
     ns = p.parse_intermixed_args(argv)
 
     def run() -> int:
         from d2v.train.finetune import finetune_task
 
         cfg = config_from_args(ns)
+        root = reports_root(cfg.finetune.out_dir)
         runs = finetune_task(cfg, ns.task, progress=not ns.no_progress,
-                             metrics_path=ns.metrics or Path(f"reports/metrics/finetune_{ns.task}.json"),
-                             history_path=ns.history or Path(f"reports/plots/finetune_{ns.task}.tsv"))
+                             metrics_path=ns.metrics or root / f"metrics/finetune_{ns.task}.json",
+                             history_path=ns.history or root / f"plots/finetune_{ns.task}.tsv")
         print(json.dumps({k: {"val_accuracy": r.val_accuracy, "out_dir": r.out_dir, "mlflow_run_id": r.mlflow_run_id}
                           for k, r in runs.items()}, indent=2))
         return 0
