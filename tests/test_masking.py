@@ -1,4 +1,4 @@
-"""Mask generators (spec §3) against the statistics of fairseq's own generators.
+"""Mask generators (fairseq ``compute_block_mask_2d``/``compute_block_mask_1d``, ``random_masking``) against the statistics of fairseq's own generators.
 
 ``tests/fixtures/fairseq/mask_stats.json`` holds 2000-row statistics of
 ``compute_block_mask_2d``/``compute_block_mask_1d`` with the released image/audio settings.
@@ -170,7 +170,7 @@ def test_random_mask_counts_and_uniformity():
     freq = m.float().mean(0)
     se = math.sqrt(0.25 / 4000)
     assert float((freq - 0.5).abs().max()) < 4.5 * se
-    # 512 tokens at 0.48: 266 kept (spec §3.3)
+    # 512 tokens at 0.48: 266 kept (fairseq ``random_masking``)
     assert bool(((~random_mask(3, 512, 0.48)).sum(1) == 266).all())
 
 

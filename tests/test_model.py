@@ -1,4 +1,4 @@
-"""The data2vec 2.0 model (spec §2, §8): shapes, targets, loss, EMA teacher, training behaviour.
+"""The data2vec 2.0 model (fairseq ``Data2VecMultiModel``): shapes, targets, loss, EMA teacher, training behaviour.
 
 Numbers are checked against independent straightforward computations written out here (explicit
 mean/variance formulas, hand-built ALiBi, manual block loops), never against the code under
@@ -268,7 +268,7 @@ def test_image_prediction_blind_to_masked_patches(tiny_cfg, batch):
 
 @pytest.mark.parametrize("zero_mask", [True, False])
 def test_speech_masked_frames_zeroed_before_conv_positions(tiny_cfg, batch, zero_mask):
-    """Spec §2.1: masked frames are zeroed before the full-length conv positional net."""
+    """fairseq ``contextualized_features``: masked frames are zeroed before the full-length conv positional net."""
     model = Data2Vec2(tiny_cfg("speech", clone_batch=1, speech=dict(encoder_zero_mask=zero_mask)))
     src = batch("speech", 1)
     mask = model.make_mask("speech", 1, 24)
@@ -336,7 +336,7 @@ def test_text_padding_not_regressed(tiny_cfg, batch):
 @pytest.mark.parametrize("modality", MODALITIES)
 def test_more_clones_keep_a_per_token_mean(tiny_cfg, batch, modality):
     """Doubling every clone (same masks, no noise) leaves the regression loss unchanged;
-    the image CLS term is a sum over the B*M instances (spec §2.5), so it doubles."""
+    the image CLS term is a sum over the B*M instances (fairseq ``cls_loss``), so it doubles."""
     m1 = Data2Vec2(tiny_cfg(modality, clone_batch=1))
     m2 = Data2Vec2(tiny_cfg(modality, clone_batch=2))
     m2.load_state_dict(m1.state_dict())

@@ -24,7 +24,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 @dataclass
 class TrainConfig:
-    """Optimisation and run control for pretraining (spec §5 for the released values)."""
+    """Optimisation and run control for pretraining (the released values: fairseq ``examples/data2vec/config/v2/*.yaml``)."""
 
     modalities: list[str] = field(default_factory=lambda: ["image"])  # trained in turn, one batch each
     # GLOBAL samples per forward pass per modality, summed over all processes: under torchrun each of
@@ -205,12 +205,12 @@ class DataConfig:
 
 @dataclass
 class TaskConfig:
-    """Fine-tuning, evaluation and linear probing of one downstream task (spec §6 for full scale).
+    """Fine-tuning, evaluation and linear probing of one downstream task (full scale: fairseq's ``mae_imagenet_clean`` / ``vox_10h`` / RoBERTa GLUE recipes).
 
     The same budget (``steps`` x ``batch_size``) fine-tunes the pretrained model and a randomly
     initialised one, so the report shows what pretraining bought."""
 
-    head: str = "classify"  # mean-pooled features -> norm -> Linear (spec §6 image recipe); speech: "ctc" (letters)
+    head: str = "classify"  # mean-pooled features -> norm -> Linear (fairseq ``MaeImageClassificationModel``); speech: "ctc" (letters)
     # The norm between the pooled features and the head: "layer" (LayerNorm, MAE/data2vec
     # fine-tuning) or "batch" (BatchNorm without affine: per-feature standardisation, MAE's
     # linear-probe recipe; it helps when a few directions of the pooled features dominate).

@@ -1,4 +1,4 @@
-"""Transformer blocks shared by every modality (spec §1, fairseq ``AltBlock``/``AltAttention``).
+"""Transformer blocks shared by every modality (fairseq ``AltBlock``/``AltAttention``).
 
 Post-LN blocks that also return the FFN output *before* the residual and the second LayerNorm:
 that tensor, not the block output, is what the teacher's targets are built from.

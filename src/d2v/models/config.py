@@ -1,7 +1,7 @@
 """Typed configuration of the data2vec 2.0 model.
 
 Field names follow fairseq's ``Data2VecMultiConfig`` where one exists, so that the released
-configs (spec §5) can be written down one to one. Every config is validated by
+configs (fairseq ``examples/data2vec/config/v2/*.yaml``) can be written down one to one. Every config is validated by
 ``validate()`` so that a malformed value fails with a message naming the field, before any
 tensor is built.
 """
@@ -23,7 +23,7 @@ def need(cond: bool, name: str, msg: str) -> None:
 
 @dataclass
 class DecoderConfig:
-    """The light convolutional decoder (spec §2.4). Defaults are fairseq's ``D2vDecoderConfig``."""
+    """The light convolutional decoder (fairseq ``Decoder1d``/``Decoder2d``). Defaults are fairseq's ``D2vDecoderConfig``."""
 
     decoder_dim: int = 384
     decoder_groups: int = 16
@@ -65,7 +65,7 @@ class ModalityConfig:
     # projection (LN + Linear after the CNN) always trains, as in fairseq.
     local_grad_mult: float = 1.0
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    # What the EMA teacher holds for this modality (spec §2.2):
+    # What the EMA teacher holds for this modality (fairseq ``Data2VecMultiModel.make_ema_teacher``):
     #   "full"     - its own copy of the whole modality encoder, fed the raw input (images)
     #   "no_local" - everything but the local encoder, fed the student's local features (speech)
     #   "none"     - nothing: the student's contextualized features feed the teacher blocks (text)
@@ -198,22 +198,22 @@ class ModelConfig:
     layerdrop: float = 0.0
     start_drop_path_rate: float = 0.0
     end_drop_path_rate: float = 0.0
-    # Targets (spec §2.3)
+    # Targets (fairseq ``Data2VecMultiModel.make_targets``)
     average_top_k_layers: int = 8
     instance_norm_target_layer: bool = True
     layer_norm_target_layer: bool = False
     layer_norm_targets: bool = False
     instance_norm_targets: bool = False
-    # Loss (spec §2.5): loss_scale None means 1/sqrt(D)
+    # Loss (fairseq ``Data2VecMultiModel.d2v_loss``): loss_scale None means 1/sqrt(D)
     loss_beta: float = 0.0
     loss_scale: float | None = None
     cls_loss: float = 0.0
     clone_batch: int = 8
-    # EMA teacher (spec §2.6)
+    # EMA teacher (fairseq ``Data2VecMultiModel.set_num_updates``)
     ema_decay: float = 0.999
     ema_end_decay: float = 0.99999
     ema_anneal_end_step: int = 75000
-    # Collapse guard (spec §2.7): checked from this update on
+    # Collapse guard (fairseq ``Data2VecMultiModel.forward``): checked from this update on
     min_target_var: float = 0.1
     min_pred_var: float = 0.01
     collapse_check_after: int = 5000

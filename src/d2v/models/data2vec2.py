@@ -1,6 +1,6 @@
 """data2vec 2.0: one student, one EMA teacher, any subset of image / speech / text.
 
-One training step for a batch of B samples of one modality (spec §2):
+One training step for a batch of B samples of one modality (fairseq ``Data2VecMultiModel.forward``):
 
 1. the student's modality encoder makes local features ``(B, T, D)``;
 2. they are cloned M times (sample-major) and each clone drops its own masked tokens, so the
@@ -154,7 +154,7 @@ class Data2Vec2(nn.Module):
 
     # ------------------------------------------------------------------ teacher
     def _make_teacher(self) -> nn.Module:
-        """An exact copy of what the teacher holds per modality (spec §2.2), frozen."""
+        """An exact copy of what the teacher holds per modality (fairseq ``Data2VecMultiModel.make_ema_teacher``), frozen."""
         teacher = nn.Module()
         teacher.blocks = copy.deepcopy(self.blocks)
         encs = nn.ModuleDict()
@@ -252,7 +252,7 @@ class Data2Vec2(nn.Module):
     @torch.no_grad()
     def make_targets(self, modality: str, source: torch.Tensor, local: torch.Tensor,
                      padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """Teacher targets ``(B, T, D)`` in fp32 from the unmasked sample (spec §2.2-2.3)."""
+        """Teacher targets ``(B, T, D)`` in fp32 from the unmasked sample (fairseq ``Data2VecMultiModel.make_targets``)."""
         enc = self.encoder(modality)
         kind = enc.mcfg.teacher_encoder
         if kind == "full":
@@ -382,7 +382,7 @@ class Data2Vec2(nn.Module):
             cls_pred = x[:, 0]
             cls_target = y.mean(dim=1).repeat_interleave(M, 0)
             # fairseq multiplies by sample_size so that, after the trainer divides by it, the term
-            # is 0.01 x the sum over the B*M instances (spec §2.5).
+            # is 0.01 x the sum over the B*M instances (fairseq ``Data2VecMultiModel.forward``, ``cls_loss``).
             terms["cls"] = self._regression(cls_pred, cls_target).sum() * (self.cfg.cls_loss * sample_size)
             loss_sum = loss_sum + terms["cls"]
         loss = loss_sum / sample_size.clamp_min(1)
@@ -397,7 +397,7 @@ class Data2Vec2(nn.Module):
 
     # ------------------------------------------------------------------ guard & features
     def check_collapse(self, out: Data2VecOutput, step: int) -> None:
-        """Collapse guard (spec §2.7) and NaN/Inf guard; raises ``CollapseError`` with the cause."""
+        """Collapse guard (fairseq ``Data2VecMultiModel.forward``: ``min_target_var`` / ``min_pred_var``) and NaN/Inf guard; raises ``CollapseError`` with the cause."""
         if not bool(torch.isfinite(out.loss)):
             raise CollapseError(f"step {step}: loss is {float(out.loss)} (not finite)")
         tv, pv = float(out.target_var), float(out.pred_var)
@@ -445,7 +445,7 @@ class Data2Vec2(nn.Module):
 
     # ------------------------------------------------------------------ optimiser groups
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """Student parameters split into decayed and non-decayed groups (spec §2.7).
+        """Student parameters split into decayed and non-decayed groups (fairseq's ``optim_overrides``: no decay for 1-D parameters).
 
         No decay for 1-D tensors, biases and the ALiBi scale. The teacher is never included.
         """

@@ -1,4 +1,4 @@
-"""The light convolutional decoders (spec §2.4): the only part that runs on the full length.
+"""The light convolutional decoders (fairseq ``Decoder1d``/``Decoder2d``): the only part that runs on the full length.
 
 Each layer is conv -> (trim for even kernels) -> LayerNorm over channels without affine ->
 GELU, with a residual when the shapes match and ``decoder_residual`` is set. The head is one

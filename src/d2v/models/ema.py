@@ -1,4 +1,4 @@
-"""The EMA teacher's schedule and update (spec §2.6).
+"""The EMA teacher's schedule and update (fairseq ``Data2VecMultiModel.set_num_updates``, ``get_annealed_rate``, ``EMAModule``).
 
 fp32 master weights; ``t <- d*t + (1-d)*s`` with one fused ``_foreach`` call over all tensors;
 buffers (the fixed image positions among them) are copied; the decay ramps linearly from

@@ -1,4 +1,4 @@
-"""Modality encoders (spec §4): image patches, speech waveform CNN, text tokens.
+"""Modality encoders (fairseq ``ImageEncoder``, ``AudioEncoder``, ``TextEncoder`` over ``ModalitySpecificEncoder``): image patches, speech waveform CNN, text tokens.
 
 Each encoder turns a raw batch into local features ``(B, T, D)`` (``local_features``) and then
 into the input of the shared blocks (``contextualize``): positions, clone x M, drop the masked
@@ -165,7 +165,7 @@ class ModalityEncoder(nn.Module):
         return Contextualized(x, bias, padding_mask)
 
     def reset_parameters(self) -> None:
-        """Re-initialise what fairseq re-initialises after BERT init (spec §2.7)."""
+        """Re-initialise what fairseq re-initialises after BERT init (fairseq ``Data2VecMultiModel.__init__``)."""
         if self.extra_tokens is not None:
             nn.init.normal_(self.extra_tokens)
 
@@ -342,7 +342,7 @@ class SpeechEncoder(ModalityEncoder):
         return self.project_features(self._run_local(source))
 
     def _positions(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        # Masked frames are zeroed before the conv positional net sees the full length (spec §2.1).
+        # Masked frames are zeroed before the conv positional net sees the full length (fairseq ``ModalitySpecificEncoder.contextualized_features``).
         x0 = x if mask is None or not self.mcfg.encoder_zero_mask else x * (~mask).unsqueeze(-1).to(x.dtype)
         return x + self.relative_positional_encoder(x0)
 

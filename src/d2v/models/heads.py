@@ -3,7 +3,7 @@
 * ``Classifier``: the student's encoder path of one modality (local encoder, context encoder,
   shared blocks; decoder and teacher dropped), mean-pooled over the real tokens (extra tokens and
   padding excluded), then LayerNorm(eps 1e-6) and a Linear head (trunc-normal 0.02, zero bias):
-  the spec's §6 image recipe, used for all three modalities. ``pool_norm="batch"`` swaps the
+  fairseq ``MaeImageClassificationModel``'s head, used for all three modalities. ``pool_norm="batch"`` swaps the
   LayerNorm for a BatchNorm without affine (per-feature standardisation, as MAE's linear probe).
   Loss: cross-entropy with label smoothing; score: accuracy.
 * ``CTCRecognizer``: the speech path without the pooling; each 20 ms frame goes to a Linear layer

@@ -1,7 +1,7 @@
 """Fine-tuning: one downstream head per modality on the pretrained (or a random) encoder.
 
 The heads (``d2v.models.heads``): a ``Classifier`` (mean-pooled features -> norm -> Linear, the
-spec's §6 image recipe, for all three modalities) or, for ``finetune.speech.head=ctc``, a
+fairseq ``MaeImageClassificationModel``'s recipe, for all three modalities) or, for ``finetune.speech.head=ctc``, a
 ``CTCRecognizer``; each brings its loss and its scores, so this loop is the same for both. AdamW
 with layer-wise learning-rate decay (the local/context encoder is layer 0, block i is layer i+1,
 the head layer depth+1), linear warm-up then cosine, label smoothing (classification).
