@@ -33,8 +33,11 @@ if [ "$stamp_want" != "$stamp_have" ] || ! .venv/bin/python -c 'import d2v' 2>/d
       exit 1
     fi
   }
-  pip_or_fail -r requirements.lock
-  pip_or_fail --no-deps -e .
+  # --no-compile: pip would byte-compile all ~20,000 .py files of the stack on one core (minutes);
+  # Python compiles the ~6,000 a run imports on first use instead. --no-build-isolation: the
+  # editable install uses the pinned setuptools from the lock instead of fetching one.
+  pip_or_fail --no-compile -r requirements.lock
+  pip_or_fail --no-compile --no-deps --no-build-isolation -e .
   .venv/bin/python -c 'import d2v, torch, torchaudio, dvc, mlflow, prefect, hydra, webdataset, sentencepiece, great_expectations' \
     || { echo "setup: the install is incomplete" >&2; exit 1; }
   echo "$stamp_want" > .venv/.d2v-stamp

@@ -1,7 +1,51 @@
 #!/usr/bin/env bash
-# Set up (once) and run the test suite. Extra arguments go to pytest, e.g. `-m "not slow"`.
+# Set up (once) and run the test suite.
+#   bash scripts/test.sh           the CI run (.ci/run): every test except those marked `full` (slower
+#                                  duplicates of what quicker tests cover, see pyproject.toml); the
+#                                  end-to-end pipeline (tests/test_pipeline.py, the real `dvc repro`)
+#                                  runs in a second pytest process alongside the rest, one torch thread
+#                                  each, and its log is printed after the rest's.
+#   bash scripts/test.sh --full    the same, `full` tests included (the opt-in full run).
+#   bash scripts/test.sh ARGS...   plain `pytest ARGS` in one process (no marker filter added), e.g.
+#                                  -m "not slow", -m "not full", tests/test_model.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source scripts/env.sh
-python -m pytest "$@"
+
+select=(-m "not full")
+if [ "${1:-}" = "--full" ]; then
+  shift
+  select=()
+fi
+if [ $# -gt 0 ]; then
+  exec python -m pytest "$@"
+fi
+
+# Two processes share the cores: half each (one on the 2-core CI machine). OpenMP threads that
+# outnumber the cores spin against each other, so each process gets its share, not all of them.
+cores="$(nproc 2>/dev/null || echo 2)"
+half=$(( cores / 2 ))
+[ "$half" -ge 1 ] || half=1
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$half}"
+export D2V_TEST_THREADS="${D2V_TEST_THREADS:-$OMP_NUM_THREADS}"  # conftest's torch.set_num_threads
+
+tmp="$(mktemp -d "${TMPDIR:-/tmp}/d2v-tests.XXXXXX")"
+e2e_log="$tmp/test_pipeline.log"
+echo "test: tests/test_pipeline.py (end-to-end dvc repro, ~15 min) runs alongside; its log: $e2e_log"
+python -m pytest "${select[@]}" --basetemp "$tmp/e2e" tests/test_pipeline.py >"$e2e_log" 2>&1 &
+e2e_pid=$!
+trap 'kill "$e2e_pid" 2>/dev/null || true' INT TERM
+
+rc=0
+python -m pytest "${select[@]}" --ignore=tests/test_pipeline.py || rc=$?
+
+echo "test: waiting for tests/test_pipeline.py ..."
+e2e_rc=0
+wait "$e2e_pid" || e2e_rc=$?
+trap - INT TERM
+echo "==================== tests/test_pipeline.py (ran alongside) ===================="
+cat "$e2e_log"
+echo "test: rest of the suite exit $rc, tests/test_pipeline.py exit $e2e_rc"
+[ "$e2e_rc" -ne 0 ] || rm -rf "$tmp/e2e"  # the pipeline's temporary repo (GBs); kept when it failed
+[ "$rc" -eq 0 ] && [ "$e2e_rc" -eq 0 ]

@@ -402,6 +402,7 @@ def test_layering(graph):
                     continue
                 path = _chain(hit, loaded).split(" <- ")[::-1]  # m -> ... -> hit
                 i = next(i for i, x in enumerate(path) if any(_within(x, f) for f in forbidden))
-                edges.setdefault((path[i - 1], path[i]), f"{low} must not load {path[i]}: " + " -> ".join(path[: i + 1]))
+                why = f"{low} must not load {path[i]}: " + " -> ".join(path[: i + 1])
+                edges.setdefault((path[i - 1], path[i]), why)
     assert not edges, "layering: lower packages import upper ones:\n" + "\n".join(
         f"  {why}" for why in edges.values())

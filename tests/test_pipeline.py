@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import make_project_repo
 
 BIN = Path(sys.executable).parent
