@@ -79,7 +79,9 @@ def test_dvc_repro_runs_the_embedded_default(repo: Path):
 
 def test_dvc_exp_run_composes_params_from_conf(repo: Path):
     """`dvc exp run -S` goes through Hydra (conf/pipeline.yaml) and reruns only what the change touches."""
-    r = run([str(BIN / "dvc"), "exp", "run", "-S", "finetune.text.steps=20", "-n", "short"], repo)
+    # A smaller text probe too (12,000 lines by default): the same stages rerun, evaluate@text sooner.
+    r = run([str(BIN / "dvc"), "exp", "run", "-S", "finetune.text.steps=20", "-S", "finetune.text.probe_max_train=2000",
+             "-n", "short"], repo)
     assert "Running stage 'finetune@text'" in r.stdout and "Running stage 'evaluate@text'" in r.stdout
     for untouched in ("shard@image", "pretrain", "finetune@image"):
         assert f"Running stage '{untouched}'" not in r.stdout, untouched
