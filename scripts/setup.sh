@@ -19,7 +19,13 @@ if ! command -v flite >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-ge
     && echo "setup: installed flite (second speech synthesizer)" \
     || echo "setup: could not install flite (optional): apt-get install flite"
 fi
-stamp_want="$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)"
+# The stamp covers what the install depends on: the lock and pyproject.toml without its tool
+# settings for pytest and ruff (editing a marker or a lint rule re-installs nothing).
+install_inputs() {
+  cat requirements.lock
+  awk '/^\[/ { skip = ($0 ~ /^\[tool\.(pytest|ruff)/) } !skip' pyproject.toml
+}
+stamp_want="$(install_inputs | sha256sum | cut -c1-16)"
 stamp_have="$(cat .venv/.d2v-stamp 2>/dev/null || true)"
 if [ "$stamp_want" != "$stamp_have" ] || ! .venv/bin/python -c 'import d2v' 2>/dev/null; then
   echo "setup: installing the pinned stack into .venv (first time: ~3 min, ~6 GB) ..."
