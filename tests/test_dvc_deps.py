@@ -11,6 +11,7 @@ only ``if TYPE_CHECKING:`` blocks (never executed). Importing a module also runs
   every file under ``src/d2v`` that module loads, transitively, must be covered by a ``deps`` entry
   (the file itself or a folder above it). Otherwise ``dvc repro`` would serve results computed by
   older code.
+* ``test_code_deps_exist_and_are_run``: every ``src/`` dep exists and holds code the stage loads.
 * ``test_import_graph_has_no_cycles``: no import cycle inside ``d2v`` (function-level imports count).
 * ``test_layering``: ``d2v.models`` loads (transitively) none of ``d2v.train``, ``d2v.data``,
   ``d2v.config``, ``d2v.inference``, ``d2v.tracking``, ``d2v.cli``; ``d2v.train`` and ``d2v.data``
@@ -318,6 +319,29 @@ def test_stage_deps_cover_the_code_they_run(graph):
                           + "\n".join(problems))
 
 
+def stale_code_deps(stage: dict, graph: dict[str, set[str]], mods: dict[str, Path]) -> list[str]:
+    """``src/`` deps that do not exist or hold no code the stage's command loads."""
+    loaded = {mods[m].relative_to(ROOT).as_posix() for m in loaded_modules(command_modules(stage["cmd"]), graph)}
+    out = []
+    for dep in dep_paths(stage):
+        if not dep.startswith("src/"):
+            continue
+        if not (ROOT / dep).exists():
+            out.append(f"{dep} does not exist")
+        elif not any(f == dep or f.startswith(dep + "/") for f in loaded):
+            out.append(f"{dep} is not loaded by `{stage['cmd']}`")
+    return out
+
+
+def test_code_deps_exist_and_are_run(graph):
+    """No stale code dep: each ``src/`` dep exists (DVC refuses a missing one) and holds code the
+    stage's command loads (a file it does not load only makes DVC re-run the stage for nothing)."""
+    g, mods = graph
+    problems = [f"  {name}: {p}" for name, st in dvc_stages().items() if command_modules(st.get("cmd", ""))
+                for p in stale_code_deps(st, g, mods)]
+    assert not problems, "dvc.yaml: stale code deps (remove or update them):\n" + "\n".join(problems)
+
+
 def test_checker_reports_a_dropped_dep(graph):
     """The check can fail: drop one code dep from a stage and it names the file(s) it covered."""
     g, mods = graph
@@ -337,6 +361,12 @@ def test_checker_reports_a_dropped_dep(graph):
             assert covered_only_here - still_covered <= set(missing), (name, dep, missing)
             tried += 1
     assert tried, "no stage has a src/d2v dep to drop"
+    # a moved file and a file the command never loads are both reported as stale
+    st = dvc_stages()["validate@image"]
+    bogus = {**st, "deps": [*st["deps"], "src/d2v/no_such_module.py", "src/d2v/cli/register.py"]}
+    stale = stale_code_deps(bogus, g, mods)
+    assert any("no_such_module.py does not exist" in p for p in stale), stale
+    assert any("src/d2v/cli/register.py is not loaded" in p for p in stale), stale
     # and a stage with no deps at all reports its command's own module
     st = dvc_stages()["pretrain"]
     missing = uncovered_files({**st, "deps": []}, g, mods)
