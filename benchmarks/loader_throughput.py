@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"modality": m, "batch": bs, "loader_samples_per_s": bs / load_s, "step_samples_per_s": bs / step_s,
                      "loader_over_step": step_s / load_s, "batch_shape": list(kept[0].source.shape)})
     report = {"command": "python benchmarks/loader_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
               "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads()}, "overrides": overrides, "results": rows}
     print(f"{' '.join(overrides)} on {report['machine']['cpu']} ({report['machine']['threads']} threads)")
     print(f"{'modality':<8} {'loader samples/s (1 worker)':>28} {'train step samples/s':>21} {'loader/step':>12}")

@@ -5,7 +5,8 @@ Both steps are forward + backward + AdamW + EMA update on the same shared encode
 teacher pass per masked copy, linear head). For a batch of B samples and M masks per sample both
 see B*M masked copies per step, so the fair unit is *masked copies per second* (``copies_per_s``
 = B*M / step time); ``samples_per_s`` = B / step time is reported too. ``speedup_same_m`` is
-2.0's copies/s over 1.0's at the same M (``speedup_same_m_min``: the same from the fastest steps); ``speedup_vs_v1_m1`` is over 1.0 at M=1 (one mask per
+2.0's copies/s over 1.0's at the same M (``speedup_same_m_min``: the same from the fastest steps);
+``speedup_vs_v1_m1`` is over 1.0 at M=1 (one mask per
 sample and teacher pass, as data2vec 1.0 trained). Peak RSS is measured per configuration
 (``/proc/self/clear_refs`` resets the high-water mark; ``rss_before_mb`` is the resident size
 when the timing started, so the step's own peak is the difference; the process-wide ru_maxrss is
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "command": "python benchmarks/step_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "device": "cpu"},
         "torch": torch.__version__, "overrides": overrides, "steps": ns.steps, "warmup": ns.warmup,
         "unit": "copies_per_s = batch * clones / median step s (one masked copy = one sample-mask pair)",
@@ -147,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         s2 = f"{r['speedup_vs_v1_m1']:.2f}x" if r.get("speedup_vs_v1_m1") else ""
         s3 = f"{r['speedup_same_m_min']:.2f}x" if r.get("speedup_same_m_min") else ""
         print(f"{r['modality']:<8} {LABEL[r['objective']]:<10} {r['clones']:>3} {r['median_step_s']:>9.3f} "
-              f"{r['samples_per_s']:>10.1f} {r['copies_per_s']:>9.1f} {r['peak_rss_mb']:>11.0f} {r['peak_rss_mb'] - r['rss_before_mb']:>+7.0f} {s1:>14} {s3:>6} {s2:>12}")
+              f"{r['samples_per_s']:>10.1f} {r['copies_per_s']:>9.1f} {r['peak_rss_mb']:>11.0f} "
+              f"{r['peak_rss_mb'] - r['rss_before_mb']:>+7.0f} {s1:>14} {s3:>6} {s2:>12}")
     print("samples/s is in " + ", ".join(f"{m}: {UNIT.get(m, 'samples/s')}" for m in mods))
     write_report(report, ns.out)
     return 0

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = {
         "command": "python benchmarks/step_time.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "device": str(device),
                     "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},
         "torch": torch.__version__, "overrides": overrides, "steps": ns.steps, "warmup": ns.warmup,

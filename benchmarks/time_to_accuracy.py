@@ -39,7 +39,6 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -165,7 +164,7 @@ def run_objective(name: str, overrides: list[str], pool: torch.Tensor, train, te
             "points": points}
 
 
-def first_time_reaching(points: list[dict], acc: float) -> Optional[float]:
+def first_time_reaching(points: list[dict], acc: float) -> float | None:
     for p in points:
         if p["probe_acc"] >= acc:
             return p["train_s"]
@@ -290,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "command": "python benchmarks/time_to_accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "device": "cpu"},
         "torch": torch.__version__, "modality": mod, "overrides": overrides, "budget_s": ns.budget,
         "probe_every_s": ns.probe_every, **extra, "probe_train": len(probe_train), "probe_test": len(test),

@@ -11,8 +11,9 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any
 
 from flows.errors import FlowInputError, UnknownParamError
 
@@ -122,7 +123,7 @@ def _split_sweep(value: str) -> list[str]:
     return [v.strip() for v in value.split(",")] if value else [""]
 
 
-def experiment_overrides(repo: Path, experiment: Optional[str], overrides: Optional[Iterable[str]]) -> list[str]:
+def experiment_overrides(repo: Path, experiment: str | None, overrides: Iterable[str] | None) -> list[str]:
     """``experiment=<name>`` (when given) followed by the extra overrides, all validated."""
     items = ([f"experiment={experiment}"] if experiment else []) + list(overrides or [])
     if experiment and "experiment" not in hydra_groups(repo):

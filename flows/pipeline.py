@@ -21,7 +21,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
@@ -39,8 +39,8 @@ DEFAULT_RETRY_DELAY_S = 30.0
 
 
 @task(name="dvc-repro", task_run_name="dvc repro {stage}", cache_policy=NONE)
-def run_stage(repo: str, stage: str, outs: Optional[list[str]] = None, force: bool = False,
-              timeout_s: Optional[float] = DEFAULT_STAGE_TIMEOUT_S) -> dict[str, Any]:
+def run_stage(repo: str, stage: str, outs: list[str] | None = None, force: bool = False,
+              timeout_s: float | None = DEFAULT_STAGE_TIMEOUT_S) -> dict[str, Any]:
     """``dvc repro <stage>`` (``--force --single-item`` with ``force``), output streamed to the log.
 
     Returns ``{stage, ran, ran_stages, restored_stages, seconds, outs, mlflow_run_ids}`` (``ran``:
@@ -75,7 +75,7 @@ def compose_params(repo: str, overrides: list[str]) -> list[str]:
 
 
 @task(name="dvc-exp-save", task_run_name="dvc exp save -n {name}", cache_policy=NONE)
-def save_experiment(repo: str, name: str, stages: Optional[list[str]] = None, timeout_s: float = 600) -> str:
+def save_experiment(repo: str, name: str, stages: list[str] | None = None, timeout_s: float = 600) -> str:
     """``dvc exp save -n <name> [stages]``: record the workspace (params, dvc.lock, metrics) as a
     DVC experiment, caching the outputs of ``stages`` (the ones this run reproduced)."""
     cmd = [dvc_exe(), "exp", "save", "-n", name, *(stages or [])]
@@ -83,8 +83,8 @@ def save_experiment(repo: str, name: str, stages: Optional[list[str]] = None, ti
     return name
 
 
-def stage_timeouts(names: list[str], default_s: Optional[float], per_stage: Optional[dict[str, float]],
-                   stages: list[StageInfo]) -> dict[str, Optional[float]]:
+def stage_timeouts(names: list[str], default_s: float | None, per_stage: dict[str, float] | None,
+                   stages: list[StageInfo]) -> dict[str, float | None]:
     """Timeout per stage: ``per_stage`` keyed by stage or group name (``shard``), else the default."""
     per_stage = dict(per_stage or {})
     valid = {s.name for s in stages} | {s.group for s in stages}
@@ -95,7 +95,7 @@ def stage_timeouts(names: list[str], default_s: Optional[float], per_stage: Opti
     return {n: per_stage.get(n, per_stage.get(group[n], default_s)) for n in names}
 
 
-def default_exp_name(experiment: Optional[str]) -> str:
+def default_exp_name(experiment: str | None) -> str:
     base = re.sub(r"[^A-Za-z0-9_-]+", "-", experiment or "exp").strip("-") or "exp"
     return f"{base}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -119,16 +119,16 @@ def results_markdown(summary: dict[str, Any]) -> str:
 
 @flow(name="d2v-pipeline", description="Run DVC stages (dvc repro) as tasks; optional experiment overrides.")
 def pipeline_flow(
-    repo: Optional[str] = None,
-    stages: Optional[list[str]] = None,
-    experiment: Optional[str] = None,
-    overrides: Optional[list[str]] = None,
-    exp_name: Optional[str] = None,
+    repo: str | None = None,
+    stages: list[str] | None = None,
+    experiment: str | None = None,
+    overrides: list[str] | None = None,
+    exp_name: str | None = None,
     force: bool = False,
     retries: int = DEFAULT_RETRIES,
     retry_delay_seconds: float = DEFAULT_RETRY_DELAY_S,
-    stage_timeout_seconds: Optional[float] = DEFAULT_STAGE_TIMEOUT_S,
-    stage_timeouts_seconds: Optional[dict[str, float]] = None,
+    stage_timeout_seconds: float | None = DEFAULT_STAGE_TIMEOUT_S,
+    stage_timeouts_seconds: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Run the selected DVC stages (all by default) in pipeline order, one task each.
 
@@ -175,15 +175,15 @@ def pipeline_flow(
     return summary
 
 
-def validate_pipeline_args(repo: Optional[str], stages: Optional[list[str]], experiment: Optional[str] = None,
-                           overrides: Optional[list[str]] = None) -> tuple[Path, list[str], list[str]]:
+def validate_pipeline_args(repo: str | None, stages: list[str] | None, experiment: str | None = None,
+                           overrides: list[str] | None = None) -> tuple[Path, list[str], list[str]]:
     """The checks the flow makes first, without Prefect: (repo root, stage names, overrides)."""
     root, _, names, ovs = _checked_args(repo, stages, experiment, overrides)
     return root, names, ovs
 
 
-def _checked_args(repo: Optional[str], stages: Optional[list[str]], experiment: Optional[str],
-                  overrides: Optional[list[str]]) -> tuple[Path, list[StageInfo], list[str], list[str]]:
+def _checked_args(repo: str | None, stages: list[str] | None, experiment: str | None,
+                  overrides: list[str] | None) -> tuple[Path, list[StageInfo], list[str], list[str]]:
     """(repo root, all stages, the selected names, the validated overrides); git is required with overrides."""
     root, infos, names = select_stages(repo, stages)
     ovs = experiment_overrides(root, experiment, overrides)
@@ -192,7 +192,7 @@ def _checked_args(repo: Optional[str], stages: Optional[list[str]], experiment: 
     return root, infos, names, ovs
 
 
-def run_pipeline(repo: Optional[str] = None, stages: Optional[list[str]] = None, *, api_url: Optional[str] = None,
+def run_pipeline(repo: str | None = None, stages: list[str] | None = None, *, api_url: str | None = None,
                  **kwargs: Any) -> dict[str, Any]:
     """Validate, then run ``pipeline_flow`` once and return its result.
 
@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         if ns.list:

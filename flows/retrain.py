@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
@@ -28,7 +28,7 @@ from flows.streaming import run_log
 
 
 @task(name="dvc-status", task_run_name="dvc status", cache_policy=NONE)
-def check_changes(repo: str, targets: Optional[list[str]] = None) -> dict[str, list[str]]:
+def check_changes(repo: str, targets: list[str] | None = None) -> dict[str, list[str]]:
     """``dvc status`` for the targets (and their upstream stages): ``{stage: [reasons]}``."""
     import logging
 
@@ -43,12 +43,12 @@ def check_changes(repo: str, targets: Optional[list[str]] = None) -> dict[str, l
 
 @flow(name="d2v-retrain", description="Run the pipeline when dvc status reports changed data, params or code.")
 def retrain_flow(
-    repo: Optional[str] = None,
-    stages: Optional[list[str]] = None,
+    repo: str | None = None,
+    stages: list[str] | None = None,
     retries: int = DEFAULT_RETRIES,
     retry_delay_seconds: float = DEFAULT_RETRY_DELAY_S,
-    stage_timeout_seconds: Optional[float] = DEFAULT_STAGE_TIMEOUT_S,
-    stage_timeouts_seconds: Optional[dict[str, float]] = None,
+    stage_timeout_seconds: float | None = DEFAULT_STAGE_TIMEOUT_S,
+    stage_timeouts_seconds: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Check ``dvc status``; if anything changed, run ``pipeline_flow`` for ``stages`` (default: all).
 
@@ -67,7 +67,7 @@ def retrain_flow(
     return {"repo": str(root), "ran": True, "changes": changes, "pipeline": result}
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m flows.retrain",
         description="Run the DVC pipeline as a Prefect flow only if `dvc status` reports changes.",

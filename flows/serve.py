@@ -23,7 +23,7 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from flows.errors import FlowInputError, ServerUnreachableError, report_error
 from flows.overrides import experiment_overrides, parse_grid_arg
@@ -36,12 +36,12 @@ DEFAULT_RETRAIN_CRON = "0 * * * *"
 NAMES = {"pipeline": "d2v-pipeline/scheduled", "retrain": "d2v-retrain/on-change", "sweep": "d2v-sweep/grid"}
 
 
-def _cron(value: Optional[str], timezone: str = "UTC") -> Optional[str]:
+def _cron(value: str | None, timezone: str = "UTC") -> str | None:
     """A cron string, or None for 'none'/'off'/'' (no schedule); rejects malformed expressions."""
     if value is None or value.strip().lower() in ("", "none", "off"):
         return None
-    from pydantic import ValidationError
     from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
 
     try:
         CronSchedule(cron=value, timezone=timezone)
@@ -55,16 +55,16 @@ def build_deployments(
     repo: Path,
     *,
     only: tuple[str, ...] = DEPLOYMENTS,
-    pipeline_cron: Optional[str] = DEFAULT_PIPELINE_CRON,
-    retrain_cron: Optional[str] = DEFAULT_RETRAIN_CRON,
-    sweep_cron: Optional[str] = None,
+    pipeline_cron: str | None = DEFAULT_PIPELINE_CRON,
+    retrain_cron: str | None = DEFAULT_RETRAIN_CRON,
+    sweep_cron: str | None = None,
     timezone: str = "UTC",
-    stages: Optional[list[str]] = None,
-    experiment: Optional[str] = None,
-    overrides: Optional[list[str]] = None,
-    grid: Optional[dict[str, list[Any]]] = None,
+    stages: list[str] | None = None,
+    experiment: str | None = None,
+    overrides: list[str] | None = None,
+    grid: dict[str, list[Any]] | None = None,
     retries: int = 1,
-    stage_timeout_seconds: Optional[float] = None,
+    stage_timeout_seconds: float | None = None,
 ) -> list[Any]:
     """The RunnerDeployments to serve (imports the flows, hence Prefect)."""
     from prefect.deployments.runner import EntrypointType
@@ -77,7 +77,7 @@ def build_deployments(
     timeout = stage_timeout_seconds or DEFAULT_STAGE_TIMEOUT_S
     common: dict[str, Any] = dict(entrypoint_type=EntrypointType.MODULE_PATH, tags=["d2v", "dvc"], concurrency_limit=1)
 
-    def schedules(cron: Optional[str]) -> list[Any]:
+    def schedules(cron: str | None) -> list[Any]:
         return [Cron(cron, timezone=timezone)] if cron else []
 
     out = []
@@ -162,7 +162,7 @@ def _ctrl_c_as_sigterm() -> None:
     warnings.filterwarnings("ignore", message="coroutine 'Runner.astop' was never awaited")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     only = tuple(ns.only) or DEPLOYMENTS
     try:

@@ -12,15 +12,15 @@ import os
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Optional
 
 from flows.errors import ServerUnreachableError
 
 DEFAULT_API_URL = "http://127.0.0.1:4200/api"  # scripts/prefect_server.sh
 
 
-def api_url_from_env() -> Optional[str]:
+def api_url_from_env() -> str | None:
     """PREFECT_API_URL from the environment or the active Prefect profile, if one is set."""
     url = os.environ.get("PREFECT_API_URL")
     if url:
@@ -52,7 +52,7 @@ def check_server(api_url: str, timeout: float = 3.0) -> None:
 
 
 @contextmanager
-def prefect_api(api_url: Optional[str] = None) -> Iterator[Optional[str]]:
+def prefect_api(api_url: str | None = None) -> Iterator[str | None]:
     """Use ``api_url`` (else PREFECT_API_URL) after checking that it answers; with neither set,
     flows called inside run on a temporary server. Yields the URL (None for temporary)."""
     url = api_url or api_url_from_env()

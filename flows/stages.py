@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any
 
 from flows.errors import FlowInputError, NotADvcRepoError, StageFailedError, UnknownStageError
 from flows.streaming import PathLike, run_dvc
@@ -25,7 +26,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # The repository
 
 
-def check_repo(repo: Optional[PathLike] = None) -> Path:
+def check_repo(repo: PathLike | None = None) -> Path:
     """The absolute path of a DVC repository root (default: this project), or NotADvcRepoError."""
     path = Path(repo if repo is not None else PROJECT_ROOT).expanduser().resolve()
     if not path.is_dir():
@@ -102,7 +103,7 @@ def list_stages(repo: PathLike) -> list[StageInfo]:
         raise FlowInputError(f"cannot read the DVC pipeline in {root}: {e}") from e
 
 
-def resolve_stages(requested: Optional[Iterable[str]], stages: Sequence[StageInfo]) -> list[str]:
+def resolve_stages(requested: Iterable[str] | None, stages: Sequence[StageInfo]) -> list[str]:
     """Requested stage names, in run order; a foreach group (``shard``) means all its stages.
 
     None or an empty list means every stage. Unknown names raise UnknownStageError listing the
@@ -135,7 +136,7 @@ def resolve_stages(requested: Optional[Iterable[str]], stages: Sequence[StageInf
     return [n for n in names if n in chosen]
 
 
-def select_stages(repo: Optional[PathLike], requested: Optional[Iterable[str]]) -> tuple[Path, list[StageInfo], list[str]]:
+def select_stages(repo: PathLike | None, requested: Iterable[str] | None) -> tuple[Path, list[StageInfo], list[str]]:
     """``check_repo`` + ``list_stages`` + ``resolve_stages``: (repo root, all stages, the requested names)."""
     root = check_repo(repo)
     stages = list_stages(root)

@@ -19,13 +19,14 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any
 
 from flows.errors import StageFailedError, StageTimeoutError
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 LogFn = Callable[[int, str], None]  # (logging level, line)
 
 
@@ -44,7 +45,7 @@ def dvc_exe() -> str:
     return found
 
 
-def child_env(extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for DVC and its stages: the venv's bin first, unbuffered Python output."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -87,7 +88,7 @@ class StreamResult:
             return f"{what} timed out after {self.seconds:.0f} s and was killed. Last output:\n{last}"
         return f"{what} failed with exit code {self.returncode}. Last output:\n{last}"
 
-    def raise_on_failure(self, what: str) -> "StreamResult":
+    def raise_on_failure(self, what: str) -> StreamResult:
         """Raise StageTimeoutError (timed out) or StageFailedError (non-zero exit) naming ``what``."""
         if not self.ok:
             err = StageTimeoutError if self.timed_out else StageFailedError
@@ -128,9 +129,9 @@ def _kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
 def run_streaming(
     cmd: Sequence[str],
     cwd: PathLike,
-    log: Optional[LogFn] = None,
-    timeout: Optional[float] = None,
-    env: Optional[Mapping[str, str]] = None,
+    log: LogFn | None = None,
+    timeout: float | None = None,
+    env: Mapping[str, str] | None = None,
     tail_lines: int = 40,
 ) -> StreamResult:
     """Run ``cmd``, passing each output line (stdout and stderr merged) to ``log(level, line)``.

@@ -19,7 +19,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
@@ -36,7 +36,7 @@ DEFAULT_SWEEP_TIMEOUT_S = 12 * 3600.0
 
 
 @task(name="dvc-exp-queue", task_run_name="queue {name}", cache_policy=NONE)
-def queue_experiment(repo: str, name: str, overrides: list[str], targets: Optional[list[str]] = None) -> str:
+def queue_experiment(repo: str, name: str, overrides: list[str], targets: list[str] | None = None) -> str:
     """``dvc exp run --queue -n <name> -S k=v ... [targets]``; returns the experiment name."""
     cmd = [dvc_exe(), "exp", "run", "--queue", "-n", name]
     for o in overrides:
@@ -47,7 +47,7 @@ def queue_experiment(repo: str, name: str, overrides: list[str], targets: Option
 
 
 @task(name="dvc-exp-run-all", task_run_name="dvc exp run --run-all -j {jobs}", cache_policy=NONE)
-def run_queue(repo: str, names: list[str], jobs: int = 1, timeout_s: Optional[float] = DEFAULT_SWEEP_TIMEOUT_S) -> float:
+def run_queue(repo: str, names: list[str], jobs: int = 1, timeout_s: float | None = DEFAULT_SWEEP_TIMEOUT_S) -> float:
     """``dvc exp run --run-all -j <jobs>``: run the queue, following each experiment's output.
 
     On a timeout the sweep's experiments are killed (``dvc queue kill``). Returns the seconds taken.
@@ -103,14 +103,14 @@ def collect_experiments(repo: str, names: list[str]) -> list[dict[str, Any]]:
 
 @flow(name="d2v-sweep", description="Queue dvc exp run -S over a parameter grid and run the queue.")
 def sweep_flow(
-    repo: Optional[str] = None,
-    grid: Optional[dict[str, list[Any]]] = None,
-    experiment: Optional[str] = None,
-    overrides: Optional[list[str]] = None,
-    stages: Optional[list[str]] = None,
-    name_prefix: Optional[str] = None,
+    repo: str | None = None,
+    grid: dict[str, list[Any]] | None = None,
+    experiment: str | None = None,
+    overrides: list[str] | None = None,
+    stages: list[str] | None = None,
+    name_prefix: str | None = None,
     jobs: int = 1,
-    timeout_seconds: Optional[float] = DEFAULT_SWEEP_TIMEOUT_S,
+    timeout_seconds: float | None = DEFAULT_SWEEP_TIMEOUT_S,
 ) -> dict[str, Any]:
     """Queue one DVC experiment per grid combination, run the queue, report each experiment.
 
@@ -152,8 +152,8 @@ def sweep_flow(
     return summary
 
 
-def validate_sweep_args(repo: Optional[str], grid: Optional[dict[str, list[Any]]], experiment: Optional[str] = None,
-                        overrides: Optional[list[str]] = None, stages: Optional[list[str]] = None,
+def validate_sweep_args(repo: str | None, grid: dict[str, list[Any]] | None, experiment: str | None = None,
+                        overrides: list[str] | None = None, stages: list[str] | None = None,
                         ) -> tuple[Path, list[list[str]], list[str], list[str]]:
     """(repo root, grid combinations as ``-S`` lists, shared overrides, stage targets), or a clear error."""
     root = check_repo(repo)
@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         grid = parse_grid_arg(ns.grid) if ns.grid else None

@@ -314,7 +314,6 @@ def test_model_folder_roundtrip_and_checkpoint(tiny_cfg, tmp_path):
 
 
 def test_model_folder_errors(tiny_cfg, tmp_path):
-    import dataclasses
 
     model = Data2Vec2(tiny_cfg("image"))
     with pytest.raises(InputError, match="nope: no such model folder"):

@@ -25,9 +25,9 @@ import pytest
 import torch
 
 from d2v.config import load_config
+from d2v.data.streams import batches_in, stream_seed
 from d2v.errors import ConfigError
 from d2v.train import distributed
-from d2v.data.streams import batches_in, stream_seed
 from d2v.train.pretrain import pretrain
 
 EQUIV = [

@@ -37,17 +37,17 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import pytest
 import torch
+from test_pretrain import shard_root  # noqa: F401 - the fixture: tiny shards of all three modalities
 
 from d2v.config import load_config
 from d2v.errors import CollapseError, InputError
 from d2v.train.checkpoint import CHECKPOINT, load_checkpoint
 from d2v.train.pretrain import pretrain
-from test_pretrain import shard_root  # noqa: F401 - the fixture: tiny shards of all three modalities
 
 pytestmark = pytest.mark.faults
 
@@ -189,7 +189,7 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path
     kill9(proc)
     part = out / (CHECKPOINT + ".tmp")
     assert part.stat().st_size == int(marker.read_text()) // 2  # a real half-written file on disk ...
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - RuntimeError or UnpicklingError, by where the cut falls
         torch.load(part, weights_only=True)
     saved = load_checkpoint(out / CHECKPOINT, run_cfg(out))  # ... and the previous checkpoint intact
     assert saved["step"] == 2
@@ -199,7 +199,7 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path
 
 
 @pytest.mark.slow
-def test_repeated_kills_during_pretraining_from_shards(tmp_path, shard_root):
+def test_repeated_kills_during_pretraining_from_shards(tmp_path, shard_root):  # noqa: F811 - the fixture
     """Three kill -9s at different points of a run reading shard streams, each resumed with
     ``d2v pretrain --resume``: the result equals an uninterrupted run's."""
     from test_pretrain import tiny_shards
@@ -287,7 +287,7 @@ def test_kill_9_during_shard_writing_never_exposes_a_partial_shard(tmp_path):
 
 # ------------------------------------------------------------------------------------ disk full
 @contextlib.contextmanager
-def small_disk(path: Path, size: int) -> Iterator[Optional[str]]:
+def small_disk(path: Path, size: int) -> Iterator[str | None]:
     """A tmpfs of ``size`` bytes mounted at ``path`` ("tmpfs"), or None where mounting is not allowed."""
     path.mkdir(parents=True, exist_ok=True)
     can = (hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("mount") and shutil.which("umount")
@@ -832,7 +832,7 @@ def _calls(name: str) -> list[tuple[Path, ast.Call]]:
     return [(p, c) for p, fn, c in _all_calls() if fn == name or fn.endswith("." + name)]
 
 
-def _kw(call: ast.Call, key: str) -> Optional[str]:
+def _kw(call: ast.Call, key: str) -> str | None:
     return next((ast.unparse(k.value) for k in call.keywords if k.arg == key), None)
 
 

@@ -24,6 +24,7 @@ if str(ROOT) not in sys.path:  # flows/ lives beside src/, outside the installed
     sys.path.insert(0, str(ROOT))
 
 from conftest import make_project_repo  # noqa: E402
+
 from flows.errors import (  # noqa: E402
     FlowInputError,
     NotADvcRepoError,

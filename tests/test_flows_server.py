@@ -17,11 +17,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
 from test_flows import BROKEN_MESSAGE, ROOT, make_toy_repo, sh  # importing test_flows also puts flows/ on sys.path
 
 pytestmark = pytest.mark.prefect

@@ -1,4 +1,5 @@
-"""Mask generators (fairseq ``compute_block_mask_2d``/``compute_block_mask_1d``, ``random_masking``) against the statistics of fairseq's own generators.
+"""Mask generators (fairseq ``compute_block_mask_2d``/``compute_block_mask_1d``, ``random_masking``) against the
+statistics of fairseq's own generators.
 
 ``tests/fixtures/fairseq/mask_stats.json`` holds 2000-row statistics of
 ``compute_block_mask_2d``/``compute_block_mask_1d`` with the released image/audio settings.

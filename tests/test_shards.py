@@ -167,7 +167,7 @@ def test_tokenizer_ids_round_trip_and_text_shards(tmp_path):
     assert info["train_lines"] == SPLITS["train"] * 5
     write_shards("text", tmp_path, seed=0, maxcount=20, min_shards=1, tokenizer_path=tmp_path / "tok/spm.model", progress=False)
     for url in shard_urls(tmp_path, "text", "val"):
-        for key, files in read_tar(url).items():
+        for _key, files in read_tar(url).items():
             ids = np.load(io.BytesIO(files["ids.npy"]))
             assert sp.decode(ids.tolist()) == files["txt"].decode()
 

@@ -205,7 +205,8 @@ class DataConfig:
 
 @dataclass
 class TaskConfig:
-    """Fine-tuning, evaluation and linear probing of one downstream task (full scale: fairseq's ``mae_imagenet_clean`` / ``vox_10h`` / RoBERTa GLUE recipes).
+    """Fine-tuning, evaluation and linear probing of one downstream task (full scale: fairseq's
+    ``mae_imagenet_clean`` / ``vox_10h`` / RoBERTa GLUE recipes).
 
     The same budget (``steps`` x ``batch_size``) fine-tunes the pretrained model and a randomly
     initialised one, so the report shows what pretraining bought."""

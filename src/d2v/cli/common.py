@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from d2v.errors import CollapseError, ConfigError, InputError
 
@@ -20,7 +21,7 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=tiny train.max_steps=20")
 
 
-def config_from_args(ns: argparse.Namespace) -> "Config":
+def config_from_args(ns: argparse.Namespace) -> Config:
     import yaml
 
     from d2v.config import from_dict, load_config

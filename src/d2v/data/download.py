@@ -230,8 +230,8 @@ def safe_extract_tar(tar_path: Path, dest: Path) -> list[Path]:
     with tarfile.open(tar_path, "r:*") as tf:
         members = tf.getmembers()
         for m in members:
-            def refuse(why: str) -> ValueError:
-                return ValueError(f"refusing to extract {tar_path}: member {m.name!r} {why}")
+            def refuse(why: str, member: tarfile.TarInfo = m) -> ValueError:
+                return ValueError(f"refusing to extract {tar_path}: member {member.name!r} {why}")
 
             name = m.name
             if name.startswith(("/", "\\")) or os.path.isabs(name) or re.match(r"^[A-Za-z]:", name):

@@ -19,9 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -38,8 +36,8 @@ class LabelledSplit:
     source: torch.Tensor  # (N, C, H, W) float | (N, L) float | (N, T) long
     label: torch.Tensor  # (N,) long
     keys: list[str]
-    lengths: Optional[torch.Tensor] = None  # speech: true samples per clip; text: tokens per row
-    texts: Optional[list[str]] = None  # speech: the transcript (metadata ``label``), the CTC target
+    lengths: torch.Tensor | None = None  # speech: true samples per clip; text: tokens per row
+    texts: list[str] | None = None  # speech: the transcript (metadata ``label``), the CTC target
     cropped: int = 0  # speech: clips longer than ``audio_seconds``, centre-cropped (CTC refuses them)
 
     def __len__(self) -> int:

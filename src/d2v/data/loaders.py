@@ -2,7 +2,8 @@
 
 Training: every rank (and worker) draws shards at random with replacement (resampled), from
 a seed of its own, so no rank runs dry and each epoch is a fixed number of batches on every rank
-(``with_epoch``); a stream is a pure function of its seed (exact resumption). Evaluation: one pass over the split's shards, split by node then by worker,
+(``with_epoch``); a stream is a pure function of its seed (exact resumption). Evaluation: one pass over the split's
+shards, split by node then by worker,
 in order. Decoding and augmentation per modality:
 
 * image: PNG -> float in [0,1] -> (train) random-resized-crop + horizontal flip -> normalised;
@@ -22,8 +23,9 @@ import functools
 import io
 import json
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,8 +42,8 @@ class Batch:
     source: torch.Tensor
     label: torch.Tensor
     keys: list[str]
-    mask: Optional[torch.Tensor] = None
-    padding_mask: Optional[torch.Tensor] = None
+    mask: torch.Tensor | None = None
+    padding_mask: torch.Tensor | None = None
 
 
 def _check_key(sample: dict) -> dict:
@@ -53,7 +55,7 @@ def _check_key(sample: dict) -> dict:
 
 # ---------------------------------------------------------------------------------- collation
 class ImageCollate:
-    def __init__(self, size: int, in_chans: int, train: bool, seed: int = 0, mask_fn: Optional[MaskFn] = None,
+    def __init__(self, size: int, in_chans: int, train: bool, seed: int = 0, mask_fn: MaskFn | None = None,
                  tokens: int = 0, mean: float = transforms.IMAGE_MEAN, std: float = transforms.IMAGE_STD):
         self.size, self.in_chans, self.train, self.mask_fn, self.tokens = size, in_chans, train, mask_fn, tokens
         self.mean, self.std = mean, std
@@ -75,7 +77,7 @@ class ImageCollate:
 
 class SpeechCollate:
     def __init__(self, sample_rate: int, max_samples: int, train: bool, seed: int = 0,
-                 mask_fn: Optional[MaskFn] = None, frames: Optional[Callable[[int], int]] = None):
+                 mask_fn: MaskFn | None = None, frames: Callable[[int], int] | None = None):
         self.sample_rate, self.max_samples, self.train = sample_rate, max_samples, train
         self.mask_fn, self.frames = mask_fn, frames
         self.rng = random.Random(seed)
@@ -117,7 +119,7 @@ def pack_text_blocks(src: Iterator[dict], length: int) -> Iterator[dict]:
             yield {"__key__": f"block{n}", "ids": block, "cls": -1}
 
 
-def collate_blocks(mask_fn: Optional[MaskFn]) -> Callable[[list[dict]], Batch]:
+def collate_blocks(mask_fn: MaskFn | None) -> Callable[[list[dict]], Batch]:
     def fn(samples: list[dict]) -> Batch:
         src = torch.from_numpy(np.stack([s["ids"] for s in samples]))
         mask = mask_fn(len(samples), src.shape[1]) if mask_fn else None

@@ -18,8 +18,8 @@ Items that could not be read are not dropped silently: they go to
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 SPLITS = ("train", "val", "test")
 COMMON = ["key", "split", "label", "path"]

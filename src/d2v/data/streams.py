@@ -17,7 +17,7 @@ Steps go round robin over ``train.modalities``: step ``s`` uses ``modalities[s %
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,7 +83,7 @@ class ShardStreams:
 
     def __init__(self, cfg: Any, rank: int, batch_size: int):
         self.cfg, self.rank, self.batch_size = cfg, rank, batch_size
-        self.segment: Optional[int] = None
+        self.segment: int | None = None
         self.iters: dict[str, Any] = {}
 
     def next(self, modality: str, step: int) -> Batch:
@@ -115,8 +115,8 @@ class PretrainData:
         t = cfg.train
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.batch = t.per_rank_batch(world_size)
-        self.sample: Optional[SampleData] = None
-        self.streams: Optional[ShardStreams] = None
+        self.sample: SampleData | None = None
+        self.streams: ShardStreams | None = None
         if cfg.data.source == "sample":
             self.sample = SampleData(cfg.model, t.modalities, cfg.data.num_samples, cfg.seed,
                                      cfg.data.audio_seconds, cfg.data.text_length)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import io
 import math
 import random
-from typing import BinaryIO, Sequence, Union
+from collections.abc import Sequence
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -62,8 +63,8 @@ def match_channels(x: torch.Tensor, in_chans: int) -> torch.Tensor:
     return x.mean(0, keepdim=True).expand(in_chans, -1, -1)
 
 
-def normalize_image(x: torch.Tensor, mean: Union[float, Sequence[float]] = IMAGE_MEAN,
-                    std: Union[float, Sequence[float]] = IMAGE_STD) -> torch.Tensor:
+def normalize_image(x: torch.Tensor, mean: float | Sequence[float] = IMAGE_MEAN,
+                    std: float | Sequence[float] = IMAGE_STD) -> torch.Tensor:
     """``(x - mean) / std``, per channel when ``mean``/``std`` are sequences."""
     if isinstance(mean, (int, float)) and isinstance(std, (int, float)):
         return (x - mean) / std
@@ -95,7 +96,7 @@ def image_tensor(x: torch.Tensor, size: int, in_chans: int, mean=IMAGE_MEAN, std
 
 
 # ---------------------------------------------------------------------------------- speech
-def read_audio(src: Union[str, BinaryIO, bytes], where: str, sample_rate: int) -> torch.Tensor:
+def read_audio(src: str | BinaryIO | bytes, where: str, sample_rate: int) -> torch.Tensor:
     """A sound file (path, file object or bytes) -> mono float32 waveform ``(samples,)``.
 
     ``InputError`` naming ``where`` when it cannot be decoded, has another sample rate (we never
@@ -132,7 +133,7 @@ def text_ids(ids: Sequence[int], length: int) -> np.ndarray:
     return np.concatenate([[BOS], np.asarray(ids, dtype=np.int64)])[:length].astype(np.int64)
 
 
-def pad_rows(rows: Sequence[Union[np.ndarray, torch.Tensor]], length: int = 0) -> torch.Tensor:
+def pad_rows(rows: Sequence[np.ndarray | torch.Tensor], length: int = 0) -> torch.Tensor:
     """Right-pad id rows with ``<pad>`` into one ``(N, T)`` long tensor; ``T`` = ``length`` or the longest."""
     t = length or max(len(r) for r in rows)
     src = torch.full((len(rows), t), PAD, dtype=torch.long)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
 
-from d2v.data.manifest import COLUMNS, SPLITS, quarantine_path, raw_dir, read_manifest, manifest_path
+from d2v.data.manifest import COLUMNS, SPLITS, manifest_path, quarantine_path, raw_dir, read_manifest
 from d2v.errors import ConfigError, InputError
 
 # Default limits; ``validate_modality(limits=...)`` overrides any of these keys (unknown keys are an

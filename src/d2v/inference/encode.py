@@ -26,9 +26,10 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ DEFAULT_IMAGE_NORM = {"mean": [transforms.IMAGE_MEAN], "std": [transforms.IMAGE_
 @dataclass
 class EncodeResult:
     keys: list[str]
-    embeddings: Union[np.ndarray, list[np.ndarray]]  # (N, D) for mean/cls; N arrays (T_i, D) for tokens
+    embeddings: np.ndarray | list[np.ndarray]  # (N, D) for mean/cls; N arrays (T_i, D) for tokens
     modality: str
     pooling: str
     layer: int
@@ -88,8 +89,8 @@ def _download_mlflow_model(uri: str) -> Path:
     raise InputError(f"{uri}: the MLflow model holds no d2v model folder (log it with d2v.tracking.pyfunc.log_encoder)")
 
 
-def resolve_model(model_or_path: Union[str, Path], map_location: str = "cpu",
-                  tokenizer_fallback: Union[None, str, Path] = None):
+def resolve_model(model_or_path: str | Path, map_location: str = "cpu",
+                  tokenizer_fallback: None | str | Path = None):
     """``(Data2Vec2, info)`` from a folder, checkpoint file, fairseq checkpoint or MLflow model URI.
 
     ``tokenizer_fallback``: the ``spm.model`` of a pretraining checkpoint's text model when none lies
@@ -110,7 +111,7 @@ class Encoder:
     """A loaded model plus the input preparation it needs. ``Encoder.load(path_or_uri)``."""
 
     def __init__(self, model, info: dict, device: str = "auto", precision: str = "auto",
-                 tokenizer: Optional[Union[str, dict]] = None):
+                 tokenizer: str | dict | None = None):
         self.device = pick_device(device)
         if precision not in ("auto", "fp32", "bf16"):
             raise InputError(f"precision must be auto, fp32 or bf16, got {precision!r}")
@@ -130,9 +131,9 @@ class Encoder:
         self._tokenizer = None
 
     @classmethod
-    def load(cls, model_or_path: Union[str, Path], device: str = "auto", precision: str = "auto",
-             tokenizer: Optional[Union[str, dict]] = None,
-             tokenizer_fallback: Union[None, str, Path] = None) -> "Encoder":
+    def load(cls, model_or_path: str | Path, device: str = "auto", precision: str = "auto",
+             tokenizer: str | dict | None = None,
+             tokenizer_fallback: None | str | Path = None) -> Encoder:
         model, info = resolve_model(model_or_path, tokenizer_fallback=tokenizer_fallback)
         return cls(model, info, device=device, precision=precision, tokenizer=tokenizer)
 
@@ -277,7 +278,7 @@ class Encoder:
         self._layer_index(layer)
         from tqdm import tqdm
 
-        results: list[Optional[np.ndarray]] = [None] * len(items)
+        results: list[np.ndarray | None] = [None] * len(items)
         skipped: list[tuple[str, str]] = []
         window = batch_size * 8
         bar = tqdm(total=len(items), disable=not progress, unit=modality if modality != "speech" else "clip",
@@ -306,7 +307,7 @@ class Encoder:
                              f"(first: {skipped[0][1] if skipped else '?'})")
         keys = [items[i].key for i in keep]
         embs = [results[i] for i in keep]
-        emb_out: Union[np.ndarray, list[np.ndarray]] = embs if pooling == "tokens" else np.stack(embs).astype(np.float32)  # type: ignore[arg-type]
+        emb_out: np.ndarray | list[np.ndarray] = embs if pooling == "tokens" else np.stack(embs).astype(np.float32)  # type: ignore[arg-type]
         return EncodeResult(keys, emb_out, modality, pooling, layer, self.dim, self.name, skipped)
 
 
@@ -330,10 +331,10 @@ def _batches(modality: str, prepared: list[tuple[int, torch.Tensor]], batch_size
 
 
 # ------------------------------------------------------------------------------------ API
-def encode(model_or_path: Union[str, Path, "Encoder"], inputs, modality: Optional[str] = None,
+def encode(model_or_path: str | Path | Encoder, inputs, modality: str | None = None,
            pooling: str = "mean", layer: int = -1, batch_size: int = 16, device: str = "auto",
-           precision: str = "auto", progress: bool = False, tokenizer: Optional[str] = None,
-           limit: Optional[int] = None, on_error: str = "raise") -> EncodeResult:
+           precision: str = "auto", progress: bool = False, tokenizer: str | None = None,
+           limit: int | None = None, on_error: str = "raise") -> EncodeResult:
     """Encode files / folders / manifests (see ``d2v.inference.inputs``) with a model.
 
     ``model_or_path``: an ``Encoder``, a model folder, a checkpoint file or an MLflow model URI.
@@ -346,7 +347,7 @@ def encode(model_or_path: Union[str, Path, "Encoder"], inputs, modality: Optiona
                             on_error=on_error)
 
 
-def encode_texts(model_or_path: Union[str, Path, "Encoder"], lines: Sequence[str], keys: Optional[Sequence[str]] = None,
+def encode_texts(model_or_path: str | Path | Encoder, lines: Sequence[str], keys: Sequence[str] | None = None,
                  **kw: Any) -> EncodeResult:
     """Encode text lines given in memory (``keys`` default to ``0..N-1``)."""
     enc = model_or_path if isinstance(model_or_path, Encoder) else Encoder.load(
@@ -361,7 +362,7 @@ def encode_texts(model_or_path: Union[str, Path, "Encoder"], lines: Sequence[str
 
 
 # ------------------------------------------------------------------------------------ output
-def write_embeddings(result: EncodeResult, out: Union[str, Path]) -> list[Path]:
+def write_embeddings(result: EncodeResult, out: str | Path) -> list[Path]:
     """Write ``.npy`` (+ ``<stem>.keys.json``) or ``.parquet``; returns the files written.
 
     * ``.npy``, mean/cls: an ``(N, D)`` float32 array; keys JSON: ``{"keys": [...], ...}``.
@@ -413,7 +414,7 @@ def write_embeddings(result: EncodeResult, out: Union[str, Path]) -> list[Path]:
     raise InputError(f"{out}: output must end in .npy or .parquet")
 
 
-def read_embeddings(path: Union[str, Path]) -> tuple[list[str], Union[np.ndarray, list[np.ndarray]], dict]:
+def read_embeddings(path: str | Path) -> tuple[list[str], np.ndarray | list[np.ndarray], dict]:
     """Read back what ``write_embeddings`` wrote: ``(keys, embeddings, meta)``."""
     path = Path(path)
     if path.suffix == ".npy":

@@ -18,9 +18,10 @@ modality, an unreadable file, or an empty input is an ``InputError`` naming the 
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any
 
 from d2v.errors import InputError
 
@@ -38,7 +39,7 @@ class Item:
 
     key: str
     modality: str
-    path: Optional[Path] = None
+    path: Path | None = None
     data: Any = None
     offset: int = -1
 
@@ -50,7 +51,7 @@ class Item:
 
 
 # ------------------------------------------------------------------------------------ sniffing
-def sniff_bytes(head: bytes) -> Optional[str]:
+def sniff_bytes(head: bytes) -> str | None:
     """Modality from a file's first bytes, or None when they say nothing we know."""
     if head.startswith(b"\x89PNG") or head.startswith(b"\xff\xd8\xff") or head[:6] in (b"GIF87a", b"GIF89a") \
             or head.startswith(b"BM") or head[:4] in (b"II*\x00", b"MM\x00*") \
@@ -68,7 +69,7 @@ def _is_idx(path: Path) -> bool:
     return n.endswith("-idx3-ubyte") or n.endswith("-idx3-ubyte.gz")
 
 
-def modality_of(path: Path) -> Optional[str]:
+def modality_of(path: Path) -> str | None:
     """``image``/``speech``/``text``/``manifest``/``idx`` from the extension, else None."""
     ext = path.suffix.lower()
     if ext in IMAGE_EXT:
@@ -187,7 +188,7 @@ def _manifest_items(path: Path) -> tuple[str, list[Item]]:
 
 
 # ------------------------------------------------------------------------------------ collect
-def _pick(modality: Optional[str], available: Iterable[str], where: str) -> str:
+def _pick(modality: str | None, available: Iterable[str], where: str) -> str:
     avail = [m for m in MODALITIES if m in set(available)]
     if modality is not None:
         return modality
@@ -198,8 +199,8 @@ def _pick(modality: Optional[str], available: Iterable[str], where: str) -> str:
     raise InputError(f"{where}: holds {', '.join(avail)} files; choose one with modality= / --modality")
 
 
-def collect_inputs(inputs: Union[str, Path, Sequence[Union[str, Path]]], modality: Optional[str] = None,
-                   allowed: Optional[Sequence[str]] = None, limit: Optional[int] = None) -> tuple[str, list[Item]]:
+def collect_inputs(inputs: str | Path | Sequence[str | Path], modality: str | None = None,
+                   allowed: Sequence[str] | None = None, limit: int | None = None) -> tuple[str, list[Item]]:
     """Files / folders / manifests -> ``(modality, items)``; every item has that modality.
 
     ``modality``: forced (``image``/``speech``/``text``); otherwise the one the inputs hold (or

@@ -12,9 +12,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
 from d2v.errors import InputError
 
@@ -91,7 +92,7 @@ class GPT2BPE:
         return ids
 
 
-def load_tokenizer(entry: Optional[Mapping[str, Any]], vocab_size: int, where: str) -> TextTokenizer:
+def load_tokenizer(entry: Mapping[str, Any] | None, vocab_size: int, where: str) -> TextTokenizer:
     """The tokenizer named by a model's ``info["tokenizer"]``; ids are checked against ``vocab_size``."""
     if entry is None:
         raise InputError(f"{where}: the model has no text tokenizer; pass one with tokenizer= / --tokenizer "

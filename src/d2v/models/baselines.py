@@ -23,7 +23,6 @@ Each ``forward`` returns an object with ``.loss`` (what to backpropagate).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -80,8 +79,8 @@ class Data2Vec1Style(nn.Module):
     def make_mask(self, modality: str, batch_size: int, length: int, generator=None) -> torch.Tensor:
         return self.backbone.make_mask(modality, batch_size, length, generator=generator)
 
-    def forward(self, source: torch.Tensor, modality: str, mask: Optional[torch.Tensor] = None,
-                padding_mask: Optional[torch.Tensor] = None) -> BaselineOutput:
+    def forward(self, source: torch.Tensor, modality: str, mask: torch.Tensor | None = None,
+                padding_mask: torch.Tensor | None = None) -> BaselineOutput:
         bb = self.backbone
         enc = bb.encoder(modality)
         enc.check_input(source)
@@ -106,7 +105,7 @@ class Data2Vec1Style(nn.Module):
 
         # ---- teacher: once per masked copy (data2vec 1.0 has no sharing across copies)
         ys = []
-        for c in range(M):
+        for _ in range(M):
             ys.append(bb.make_targets(modality, source, local, padding_mask))
             self.teacher_passes += 1
         y = torch.stack(ys, 1).reshape(B * M, T, d)  # row b*M + c: copy c of sample b
@@ -163,7 +162,7 @@ class MAE(nn.Module):
     def make_mask(self, batch_size: int, length: int, generator=None) -> torch.Tensor:
         return masking.random_mask(batch_size, length, self.mask_ratio, generator)
 
-    def forward(self, source: torch.Tensor, modality: str = "image", mask: Optional[torch.Tensor] = None) -> BaselineOutput:
+    def forward(self, source: torch.Tensor, modality: str = "image", mask: torch.Tensor | None = None) -> BaselineOutput:
         if modality != "image":
             raise InputError("the MAE objective is image-only")
         bb = self.backbone
@@ -257,7 +256,7 @@ class BERTStyle(nn.Module):
             real &= source.ne(i)
         return real
 
-    def select(self, source: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def select(self, source: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, T) bool: the positions to predict, ~``mask_prob`` of each row's real tokens."""
         real = self.real_tokens(source)
         n_real = real.sum(1)
@@ -270,7 +269,7 @@ class BERTStyle(nn.Module):
         return rank < k.unsqueeze(1)
 
     def corrupt(self, source: torch.Tensor, chosen: torch.Tensor,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                generator: torch.Generator | None = None) -> torch.Tensor:
         """The input ids: chosen positions become mask (80%) / random (10%) / themselves (10%)."""
         dev = generator.device if generator else None
         u = torch.rand(source.shape, generator=generator, device=dev).to(source.device)
@@ -287,9 +286,9 @@ class BERTStyle(nn.Module):
         h = self.lm_norm(F.gelu(self.lm_dense(h)))
         return F.linear(h, self.embed_tokens.weight, self.lm_bias)
 
-    def forward(self, source: torch.Tensor, modality: str = "text", mask: Optional[torch.Tensor] = None,
-                padding_mask: Optional[torch.Tensor] = None,
-                generator: Optional[torch.Generator] = None) -> BaselineOutput:
+    def forward(self, source: torch.Tensor, modality: str = "text", mask: torch.Tensor | None = None,
+                padding_mask: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> BaselineOutput:
         """``mask``: optional (B, T) bool of the positions to predict (default: ``select``); the
         80/10/10 corruption is drawn here from ``generator``. ``pred``: (N, vocab) logits and
         ``target``: (N,) original ids, N = chosen positions in row-major order."""

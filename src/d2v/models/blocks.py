@@ -8,8 +8,6 @@ into one additive bias.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -39,16 +37,16 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        n, l, c = x.shape
-        qkv = self.qkv(x).reshape(n, l, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        n, t, c = x.shape
+        qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         if bias is not None and bias.dtype != q.dtype:
             bias = bias.to(q.dtype)
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0
         )
-        x = x.transpose(1, 2).reshape(n, l, c)
+        x = x.transpose(1, 2).reshape(n, t, c)
         return self.proj_drop(self.proj(x))
 
 
@@ -90,7 +88,7 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=mlp_drop)
         self.post_mlp_dropout = nn.Dropout(post_mlp_drop)
 
-    def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x = x + self.drop_path(self.attn(x, bias))
         r = x = self.norm1(x)
         t = self.mlp(x)
@@ -99,10 +97,10 @@ class Block(nn.Module):
 
 
 def attention_bias(
-    padding_mask: Optional[torch.Tensor],
-    alibi: Optional[torch.Tensor],
+    padding_mask: torch.Tensor | None,
+    alibi: torch.Tensor | None,
     dtype: torch.dtype,
-) -> Optional[torch.Tensor]:
+) -> torch.Tensor | None:
     """Fold key padding (True = pad) and an ALiBi bias into one additive attention bias."""
     bias = alibi
     if padding_mask is not None:
@@ -115,9 +113,9 @@ def attention_bias(
 def run_blocks(
     blocks: nn.ModuleList,
     x: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
+    bias: torch.Tensor | None = None,
     layerdrop: float = 0.0,
-    collect_from: Optional[int] = None,
+    collect_from: int | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Run ``blocks``; return the output and the FFN outputs of blocks ``collect_from..end``.
 

@@ -10,8 +10,9 @@ Folders are written atomically: a crash or a full disk leaves the previous folde
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from d2v.errors import InputError
 from d2v.io import atomic_dir, save_torch, torch_load_checked

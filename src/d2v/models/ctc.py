@@ -1,4 +1,5 @@
-"""Letters for CTC speech recognition (fairseq ``examples/wav2vec/config/finetuning/vox_10h.yaml``: the letter CTC recipe of wav2vec 2.0 / data2vec).
+"""Letters for CTC speech recognition: the letter CTC recipe of wav2vec 2.0 / data2vec (fairseq
+``examples/wav2vec/config/finetuning/vox_10h.yaml``).
 
 The vocabulary is fairseq's letter dictionary without its special symbols: blank, ``|`` (the word
 boundary), the apostrophe and A-Z. Transcripts are upper-cased; other characters are dropped.

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -44,8 +43,8 @@ class Data2VecOutput:
     sample_size: torch.Tensor  # number of masked positions that enter the loss
     loss_sum: torch.Tensor  # fairseq's criterion loss (sum of all terms), = loss * sample_size
     loss_terms: dict[str, torch.Tensor] = field(default_factory=dict)  # summed, unnormalised terms
-    target_var: Optional[torch.Tensor] = None
-    pred_var: Optional[torch.Tensor] = None
+    target_var: torch.Tensor | None = None
+    pred_var: torch.Tensor | None = None
 
 
 @dataclass
@@ -53,7 +52,7 @@ class Features:
     """The student encoder's output for unmasked input (``Data2Vec2.features``)."""
 
     x: torch.Tensor  # (B, T, D) per-token output of the chosen block, extra (CLS) tokens dropped
-    padding_mask: Optional[torch.Tensor]  # (B, T) True = pad, on x's device; None when nothing is padded
+    padding_mask: torch.Tensor | None  # (B, T) True = pad, on x's device; None when nothing is padded
     extra: torch.Tensor  # (B, E, D) the extra tokens' output (E = num_extra_tokens, may be 0)
     layer_results: list[torch.Tensor] = field(default_factory=list)  # every block's FFN output (all_layers=True)
 
@@ -66,7 +65,7 @@ def layer_index(layer: int, depth: int) -> int:
 
 
 def token_padding_mask(enc: ModalityEncoder, source: torch.Tensor,
-                       padding_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+                       padding_mask: torch.Tensor | None) -> torch.Tensor | None:
     """The key padding mask (True = pad) of ``source``'s tokens, or None when nothing is padded.
 
     ``padding_mask`` (B, tokens) is checked; when None it is derived from the source (text pads).
@@ -88,7 +87,7 @@ def token_padding_mask(enc: ModalityEncoder, source: torch.Tensor,
 
 
 def encoder_features(enc: ModalityEncoder, blocks: nn.ModuleList, source: torch.Tensor,
-                     padding_mask: Optional[torch.Tensor] = None, layer: int = -1, layerdrop: float = 0.0,
+                     padding_mask: torch.Tensor | None = None, layer: int = -1, layerdrop: float = 0.0,
                      all_layers: bool = False) -> Features:
     """Unmasked ``source`` through ``enc`` (local + context encoder) and ``blocks[:layer + 1]``.
 
@@ -150,7 +149,7 @@ class Data2Vec2(nn.Module):
         # Number of the last update the teacher was moved at; saved with the model so that a
         # resumed run does not update twice.
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
-        self._ema: Optional[EMAUpdater] = None
+        self._ema: EMAUpdater | None = None
 
     # ------------------------------------------------------------------ teacher
     def _make_teacher(self) -> nn.Module:
@@ -175,7 +174,7 @@ class Data2Vec2(nn.Module):
         teacher.eval()
         return teacher
 
-    def train(self, mode: bool = True) -> "Data2Vec2":
+    def train(self, mode: bool = True) -> Data2Vec2:
         super().train(mode)
         self.teacher.eval()  # the teacher never uses dropout or layerdrop
         return self
@@ -215,7 +214,7 @@ class Data2Vec2(nn.Module):
             )
         return self.modality_encoders[modality]  # type: ignore[return-value]
 
-    def _modality(self, modality: Optional[str]) -> str:
+    def _modality(self, modality: str | None) -> str:
         if modality is None:
             if len(self.modality_encoders) != 1:
                 raise InputError(f"modality is required: this model has {', '.join(self.modality_encoders)}")
@@ -251,7 +250,7 @@ class Data2Vec2(nn.Module):
     # ------------------------------------------------------------------ targets
     @torch.no_grad()
     def make_targets(self, modality: str, source: torch.Tensor, local: torch.Tensor,
-                     padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+                     padding_mask: torch.Tensor | None) -> torch.Tensor:
         """Teacher targets ``(B, T, D)`` in fp32 from the unmasked sample (fairseq ``Data2VecMultiModel.make_targets``)."""
         enc = self.encoder(modality)
         kind = enc.mcfg.teacher_encoder
@@ -301,10 +300,10 @@ class Data2Vec2(nn.Module):
     def forward(
         self,
         source: torch.Tensor,
-        modality: Optional[str] = None,
-        mask: Optional[torch.Tensor] = None,
-        padding_mask: Optional[torch.Tensor] = None,
-        mask_noise: Optional[torch.Tensor] = None,
+        modality: str | None = None,
+        mask: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        mask_noise: torch.Tensor | None = None,
     ) -> Data2VecOutput:
         """One pretraining forward.
 
@@ -397,7 +396,8 @@ class Data2Vec2(nn.Module):
 
     # ------------------------------------------------------------------ guard & features
     def check_collapse(self, out: Data2VecOutput, step: int) -> None:
-        """Collapse guard (fairseq ``Data2VecMultiModel.forward``: ``min_target_var`` / ``min_pred_var``) and NaN/Inf guard; raises ``CollapseError`` with the cause."""
+        """Collapse guard (fairseq ``Data2VecMultiModel.forward``: ``min_target_var`` / ``min_pred_var``) and NaN/Inf
+        guard; raises ``CollapseError`` with the cause."""
         if not bool(torch.isfinite(out.loss)):
             raise CollapseError(f"step {step}: loss is {float(out.loss)} (not finite)")
         tv, pv = float(out.target_var), float(out.pred_var)
@@ -415,8 +415,8 @@ class Data2Vec2(nn.Module):
                 f"step {step}: prediction variance {pv:.4g} < min_pred_var={self.cfg.min_pred_var} (student collapsed)"
             )
 
-    def features(self, source: torch.Tensor, modality: Optional[str] = None,
-                 padding_mask: Optional[torch.Tensor] = None, layer: int = -1, all_layers: bool = False) -> Features:
+    def features(self, source: torch.Tensor, modality: str | None = None,
+                 padding_mask: torch.Tensor | None = None, layer: int = -1, all_layers: bool = False) -> Features:
         """The student encoder's token features of unmasked ``source``: no mask, no decoder, no teacher.
 
         ``padding_mask``: optional (B, tokens), True = pad (text: derived from the pad id when None).
@@ -432,8 +432,8 @@ class Data2Vec2(nn.Module):
     def extract_features(
         self,
         source: torch.Tensor,
-        modality: Optional[str] = None,
-        padding_mask: Optional[torch.Tensor] = None,
+        modality: str | None = None,
+        padding_mask: torch.Tensor | None = None,
         remove_extra_tokens: bool = True,
     ) -> dict[str, object]:
         """fairseq's ``extract_features(mask=False)``: ``x`` (B, T, D), every block's FFN output
@@ -462,7 +462,7 @@ class Data2Vec2(nn.Module):
             {"params": no_decay, "weight_decay": 0.0},
         ]
 
-    def num_parameters(self, modality: Optional[str] = None, encoder_only: bool = True) -> int:
+    def num_parameters(self, modality: str | None = None, encoder_only: bool = True) -> int:
         """Trainable student parameters of one modality's encoder path (blocks included)."""
         seen = set()
         total = 0

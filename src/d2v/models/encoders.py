@@ -1,4 +1,5 @@
-"""Modality encoders (fairseq ``ImageEncoder``, ``AudioEncoder``, ``TextEncoder`` over ``ModalitySpecificEncoder``): image patches, speech waveform CNN, text tokens.
+"""Modality encoders: image patches, speech waveform CNN, text tokens (fairseq ``ImageEncoder``,
+``AudioEncoder``, ``TextEncoder`` over ``ModalitySpecificEncoder``).
 
 Each encoder turns a raw batch into local features ``(B, T, D)`` (``local_features``) and then
 into the input of the shared blocks (``contextualize``): positions, clone x M, drop the masked
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -32,8 +32,8 @@ from .decoders import Decoder1d, Decoder2d, _ChannelLayerNorm, _SamePad
 @dataclass
 class Contextualized:
     x: torch.Tensor  # (N, E + K, D): input of the shared blocks
-    bias: Optional[torch.Tensor]  # additive attention bias for the shared blocks
-    padding_mask: Optional[torch.Tensor]  # (N, E + K) True = pad, or None
+    bias: torch.Tensor | None  # additive attention bias for the shared blocks
+    padding_mask: torch.Tensor | None  # (N, E + K) True = pad, or None
 
 
 class ContextEncoder(nn.Module):
@@ -51,7 +51,7 @@ class ContextEncoder(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.layerdrop = mcfg.prenet_layerdrop
 
-    def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.norm is not None:
             x = self.norm(x)
         x = self.dropout(x)
@@ -113,7 +113,7 @@ class ModalityEncoder(nn.Module):
                 return self.local_encoder(source)
         return _GradMultiply.apply(self.local_encoder(source), mult)
 
-    def make_mask(self, rows: int, length: int, device: torch.device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def make_mask(self, rows: int, length: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
         return masking.make_mask(self.modality, self.mcfg, rows, length, generator, device)
 
     def num_masked(self, length: int) -> int:
@@ -124,14 +124,14 @@ class ModalityEncoder(nn.Module):
         """How many tokens (patches, frames, ids) a sample of this shape becomes."""
         return masking.num_tokens(self.modality, self.mcfg, source_shape)
 
-    def _positions(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def _positions(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Full-length positional term added before tokens are dropped (fixed or conv)."""
         return x
 
-    def _alibi(self, keep_idx: Optional[torch.Tensor], n: int, length: int, device, dtype) -> Optional[torch.Tensor]:
+    def _alibi(self, keep_idx: torch.Tensor | None, n: int, length: int, device, dtype) -> torch.Tensor | None:
         return None
 
-    def padding_from_source(self, source: torch.Tensor) -> Optional[torch.Tensor]:
+    def padding_from_source(self, source: torch.Tensor) -> torch.Tensor | None:
         return None
 
     # -- shared path --------------------------------------------------------------------------
@@ -139,9 +139,9 @@ class ModalityEncoder(nn.Module):
         self,
         local: torch.Tensor,
         clones: int = 1,
-        mask: Optional[torch.Tensor] = None,
-        keep_idx: Optional[torch.Tensor] = None,
-        padding_mask: Optional[torch.Tensor] = None,
+        mask: torch.Tensor | None = None,
+        keep_idx: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
     ) -> Contextualized:
         """Local features ``(B, T, D)`` -> block input for ``B*clones`` rows, visible tokens only."""
         x = local
@@ -341,12 +341,13 @@ class SpeechEncoder(ModalityEncoder):
     def local_features(self, source: torch.Tensor) -> torch.Tensor:
         return self.project_features(self._run_local(source))
 
-    def _positions(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        # Masked frames are zeroed before the conv positional net sees the full length (fairseq ``ModalitySpecificEncoder.contextualized_features``).
+    def _positions(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        # Masked frames are zeroed before the conv positional net sees the full length (fairseq
+        # ``ModalitySpecificEncoder.contextualized_features``).
         x0 = x if mask is None or not self.mcfg.encoder_zero_mask else x * (~mask).unsqueeze(-1).to(x.dtype)
         return x + self.relative_positional_encoder(x0)
 
-    def _alibi(self, keep_idx, n, length, device, dtype) -> Optional[torch.Tensor]:
+    def _alibi(self, keep_idx, n, length, device, dtype) -> torch.Tensor | None:
         if self.alibi_scale is None:
             return None
         # Build the bias straight from kept positions: same values as gathering rows and columns
@@ -412,7 +413,7 @@ class TextEncoder(ModalityEncoder):
     def local_features(self, source: torch.Tensor) -> torch.Tensor:
         return self._run_local(source)
 
-    def padding_from_source(self, source: torch.Tensor) -> Optional[torch.Tensor]:
+    def padding_from_source(self, source: torch.Tensor) -> torch.Tensor | None:
         pad = source.eq(self.mcfg.pad_idx)  # type: ignore[attr-defined]
         return pad
 

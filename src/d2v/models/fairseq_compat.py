@@ -6,7 +6,8 @@ Pure data mapping, no fairseq import. Used by the conformance tests against
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

@@ -19,7 +19,7 @@ The data a head trains on and scores is any object with ``source``, ``lengths``,
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
@@ -39,8 +39,8 @@ class LabelledData(Protocol):
     source: torch.Tensor
     label: torch.Tensor
     keys: list[str]
-    lengths: Optional[torch.Tensor]
-    texts: Optional[list[str]]
+    lengths: torch.Tensor | None
+    texts: list[str] | None
     cropped: int
 
     def __len__(self) -> int: ...
@@ -82,7 +82,7 @@ class Classifier(nn.Module):
     # -- building and saving --------------------------------------------------------------------
     @classmethod
     def build(cls, backbone: Data2Vec2, modality: str, num_classes: int, freeze_local: bool = False,
-              pool_norm: str = "layer") -> "Classifier":
+              pool_norm: str = "layer") -> Classifier:
         """The head of a task config (``make_head``)."""
         return cls(backbone, modality, num_classes, freeze_local=freeze_local, pool_norm=pool_norm)
 
@@ -92,11 +92,11 @@ class Classifier(nn.Module):
                 "head": self.head_kind}
 
     @classmethod
-    def from_config(cls, backbone: Data2Vec2, meta: dict[str, Any]) -> "Classifier":
+    def from_config(cls, backbone: Data2Vec2, meta: dict[str, Any]) -> Classifier:
         return cls(backbone, meta["modality"], int(meta["num_classes"]), pool_norm=meta.get("pool_norm", "layer"))
 
     # -- features -------------------------------------------------------------------------------
-    def token_padding(self, source: torch.Tensor, lengths: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def token_padding(self, source: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor | None:
         """Token-level padding (True = pad) from per-sample lengths (speech samples, text tokens)."""
         if lengths is None:
             return None
@@ -107,8 +107,8 @@ class Classifier(nn.Module):
             frames, t = lengths.cpu(), source.shape[1]
         return torch.arange(t).unsqueeze(0) >= frames.unsqueeze(1)
 
-    def token_features(self, source: torch.Tensor, lengths: Optional[torch.Tensor] = None
-                       ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def token_features(self, source: torch.Tensor, lengths: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Last-block output per token (extra tokens dropped), (B, T, D), and the padding mask."""
         if lengths is not None:
             self.encoder.check_input(source)  # before the lengths are read against its shape
@@ -116,14 +116,14 @@ class Classifier(nn.Module):
                              layerdrop=self.layerdrop)
         return f.x, f.padding_mask
 
-    def features(self, source: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def features(self, source: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         x, pad = self.token_features(source, lengths)
         if pad is None:
             return x.mean(1)
         keep = (~pad).unsqueeze(-1).to(x.dtype)
         return (x * keep).sum(1) / keep.sum(1).clamp_min(1)
 
-    def forward(self, source: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, source: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(self.fc_norm(self.features(source, lengths)))
 
     # -- training -------------------------------------------------------------------------------
@@ -189,29 +189,29 @@ class CTCRecognizer(Classifier):
 
     @classmethod
     def build(cls, backbone: Data2Vec2, modality: str, num_classes: int, freeze_local: bool = True,
-              pool_norm: str = "layer") -> "CTCRecognizer":
+              pool_norm: str = "layer") -> CTCRecognizer:
         if modality != "speech":
             raise InputError(f"the CTC head (letter targets) is for speech only, not {modality}")
         return cls(backbone, freeze_local=freeze_local)
 
     @classmethod
-    def from_config(cls, backbone: Data2Vec2, meta: dict[str, Any]) -> "CTCRecognizer":
+    def from_config(cls, backbone: Data2Vec2, meta: dict[str, Any]) -> CTCRecognizer:
         return cls(backbone)
 
-    def forward(self, source: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, source: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(self.token_features(source, lengths)[0]).log_softmax(-1)
 
-    def _frames(self, t: int, batch: int, lengths: Optional[torch.Tensor]) -> torch.Tensor:
+    def _frames(self, t: int, batch: int, lengths: torch.Tensor | None) -> torch.Tensor:
         if lengths is None:
             return torch.full((batch,), t, dtype=torch.long)
         return torch.tensor([min(t, self.encoder.local_encoder.output_length(int(n))) for n in lengths])
 
-    def frames(self, source: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
+    def frames(self, source: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
         """Valid frames per clip, (B,)."""
         return self._frames(self.encoder.num_tokens(tuple(source.shape)), source.shape[0], lengths)
 
     @torch.no_grad()
-    def transcribe(self, source: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> list[str]:
+    def transcribe(self, source: torch.Tensor, lengths: torch.Tensor | None = None) -> list[str]:
         best = self(source, lengths).argmax(-1).cpu()
         return [decode_letters(row[:n].tolist()) for row, n in zip(best, self.frames(source, lengths).tolist())]
 

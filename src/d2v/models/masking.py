@@ -14,12 +14,12 @@ subset for all rows at once.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 
-def _equalize(marked: torch.Tensor, target: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+def _equalize(marked: torch.Tensor, target: int, generator: torch.Generator | None) -> torch.Tensor:
     """Return a bool mask with exactly ``target`` True per row.
 
     Rows with too many marks lose a uniformly random subset of them; rows with too few gain a
@@ -39,8 +39,8 @@ def block_mask_2d(
     mask_length: int,
     mask_prob_adjust: float = 0.0,
     inverse: bool = True,
-    generator: Optional[torch.Generator] = None,
-    device: Optional[torch.device] = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """Inverse block masking on a square grid (images). Returns bool ``(rows, L)``, True = masked."""
     side = int(math.isqrt(num_patches))
@@ -72,8 +72,8 @@ def block_mask_1d(
     mask_length: int,
     mask_prob_adjust: float = 0.0,
     inverse: bool = False,
-    generator: Optional[torch.Generator] = None,
-    device: Optional[torch.device] = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """Span masking (speech). Returns bool ``(rows, T)`` with exactly ``int(T*mask_prob)`` masked."""
     p = 1.0 - mask_prob if inverse else mask_prob
@@ -95,8 +95,8 @@ def random_mask(
     rows: int,
     length: int,
     mask_prob: float,
-    generator: Optional[torch.Generator] = None,
-    device: Optional[torch.device] = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """MAE-style random masking (text): keeps ``int(T*(1-mask_prob))`` tokens per row."""
     keep = int(length * (1 - mask_prob))
@@ -143,8 +143,8 @@ def num_masked(modality: str, mcfg: Any, length: int) -> int:
     return length - marked if mcfg.inverse_mask else marked
 
 
-def make_mask(modality: str, mcfg: Any, rows: int, length: int, generator: Optional[torch.Generator] = None,
-              device: Optional[torch.device] = None) -> torch.Tensor:
+def make_mask(modality: str, mcfg: Any, rows: int, length: int, generator: torch.Generator | None = None,
+              device: torch.device | None = None) -> torch.Tensor:
     """Masks of one modality's config (True = masked, the same count in every row): images get
     inverse 2-D block masks, speech 1-D spans, text MAE-style random tokens."""
     if modality == "image":

@@ -35,8 +35,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any
 
 import torch
 
@@ -52,7 +53,7 @@ SPM_FILE = "spm.model"
 DICT_FILE = "dict.txt"
 BPE_FILES = ("encoder.json", "vocab.bpe")
 
-TokenizerArg = Union[None, str, Path, Mapping[str, Any]]
+TokenizerArg = str | Path | Mapping[str, Any] | None
 
 
 # ------------------------------------------------------------------------------------ configs
@@ -100,7 +101,7 @@ def check_state_dict(model: torch.nn.Module, sd: Mapping[str, Any], where: str) 
 
 
 # ------------------------------------------------------------------------------------ tokenizer
-def _tokenizer_entry(tokenizer: TokenizerArg, tmp: Path) -> Optional[dict[str, Any]]:
+def _tokenizer_entry(tokenizer: TokenizerArg, tmp: Path) -> dict[str, Any] | None:
     """Copy the tokenizer file(s) into ``tmp``; return the ``config.json["tokenizer"]`` entry."""
     if tokenizer is None:
         return None
@@ -131,8 +132,8 @@ def _tokenizer_entry(tokenizer: TokenizerArg, tmp: Path) -> Optional[dict[str, A
 
 
 # ------------------------------------------------------------------------------------ save
-def save_model_dir(model: torch.nn.Module, out_dir: Union[str, Path], *, tokenizer: TokenizerArg = None,
-                   source: str = "", extra: Optional[dict] = None) -> Path:
+def save_model_dir(model: torch.nn.Module, out_dir: str | Path, *, tokenizer: TokenizerArg = None,
+                   source: str = "", extra: dict | None = None) -> Path:
     """Write ``model`` (a ``Data2Vec2``) as a model folder; atomic (temp folder, then rename).
 
     ``tokenizer``: ``None``; a path to ``spm.model`` or a fairseq ``dict.txt``; or ``"bytes"``.
@@ -196,7 +197,7 @@ def _build(cfg_dict: Any, sd: Mapping[str, Any], where: str, map_location: str):
     return model.to(map_location).eval()
 
 
-def _resolve_tokenizer(entry: Any, folder: Path, where: str) -> Optional[dict[str, Any]]:
+def _resolve_tokenizer(entry: Any, folder: Path, where: str) -> dict[str, Any] | None:
     if entry is None:
         return None
     if not isinstance(entry, Mapping) or entry.get("type") not in ("spm", "fairseq_dict", "bytes"):
@@ -237,7 +238,7 @@ def _load_folder(folder: Path, map_location: str):
 
 
 def _project_tokenizer(ckpt: Path, config: Mapping[str, Any], model_cfg: ModelConfig,
-                       fallback: Optional[Path] = None) -> Optional[dict[str, Any]]:
+                       fallback: Path | None = None) -> dict[str, Any] | None:
     """The tokenizer a pretraining checkpoint was trained with (text models only): byte-level for
     ``data.source=sample``, else ``spm.model`` beside the checkpoint, else the ``fallback`` file."""
     if model_cfg.text is None:
@@ -251,7 +252,7 @@ def _project_tokenizer(ckpt: Path, config: Mapping[str, Any], model_cfg: ModelCo
     return None
 
 
-def _load_file(path: Path, map_location: str, tokenizer_fallback: Optional[Path] = None):
+def _load_file(path: Path, map_location: str, tokenizer_fallback: Path | None = None):
     if path.name == WEIGHTS_FILE and (path.parent / CONFIG_FILE).is_file():
         return _load_folder(path.parent, map_location)
     from .fairseq_compat import FAIRSEQ_SAFE_GLOBALS, is_fairseq_checkpoint
@@ -293,8 +294,8 @@ def _load_fairseq(path: Path, obj: Mapping[str, Any], map_location: str):
     return model.to(map_location), info
 
 
-def load_model_dir(path: Union[str, Path], map_location: str = "cpu", *,
-                   tokenizer_fallback: Union[None, str, Path] = None):
+def load_model_dir(path: str | Path, map_location: str = "cpu", *,
+                   tokenizer_fallback: None | str | Path = None):
     """Load a model folder or a pretraining checkpoint file -> ``(Data2Vec2 in eval mode, info)``.
 
     A fairseq data2vec 2.0 checkpoint is accepted too (converted in memory, its ``dict.txt`` looked

@@ -20,8 +20,9 @@ import logging
 import os
 import subprocess
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, TypeVar
+from typing import Any, TypeVar
 
 from d2v.config import PROJECT_ROOT
 
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 def is_transient(err: BaseException) -> bool:
     """A store error that a later attempt may not see: SQLite "database is locked" / busy."""
     seen: set[int] = set()
-    e: Optional[BaseException] = err
+    e: BaseException | None = err
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         msg = str(e).lower()
@@ -45,7 +46,7 @@ def is_transient(err: BaseException) -> bool:
     return False
 
 
-def with_retry(what: str, fn: Callable[[], _T], budget_s: Optional[float] = None) -> _T:
+def with_retry(what: str, fn: Callable[[], _T], budget_s: float | None = None) -> _T:
     """``fn()``, retried with backoff (0.1 s doubling to 5 s) while it fails with a transient store
     error, for up to ``budget_s`` seconds in all; then the last error, with what was being written."""
     budget = float(os.environ.get("D2V_MLFLOW_RETRY_S", RETRY_S)) if budget_s is None else budget_s
@@ -95,7 +96,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def replay_spool(client: Any, alive: Optional[Callable[[int], bool]] = None) -> int:
+def replay_spool(client: Any, alive: Callable[[int], bool] | None = None) -> int:
     """Send the metrics that stages which failed on a locked store left in ``spool_dir()`` to their
     runs, and delete each file once sent. Files of a process still running are left to it.
     Returns the number of metrics sent."""
@@ -117,7 +118,7 @@ def replay_spool(client: Any, alive: Optional[Callable[[int], bool]] = None) -> 
         try:
             for i in range(0, len(metrics), 1000):
                 batch = metrics[i : i + 1000]
-                with_retry(f"{len(batch)} spooled metrics of run {run_id}", lambda: client.log_batch(run_id, metrics=batch))
+                with_retry(f"{len(batch)} spooled metrics of run {run_id}", lambda b=batch, r=run_id: client.log_batch(r, metrics=b))
         except Exception as e:  # noqa: BLE001 - a run deleted or from another store: never stop this stage
             log.warning("%s: could not send its metrics to run %s (%s); left in place", path, run_id,
                         str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
@@ -140,7 +141,7 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def git_commit() -> Optional[str]:
+def git_commit() -> str | None:
     try:
         r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
         return r.stdout.strip() or None if r.returncode == 0 else None
@@ -151,7 +152,7 @@ def git_commit() -> Optional[str]:
 class Tracker:
     """One MLflow run; metrics are buffered and sent in batches (one SQLite write per flush)."""
 
-    def __init__(self, run_name: str, params: Mapping[str, Any], tags: Optional[Mapping[str, str]] = None,
+    def __init__(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None,
                  experiment: str = EXPERIMENT, system_metrics: bool = True, system_interval_s: float = 5.0):
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         import mlflow
@@ -172,7 +173,7 @@ class Tracker:
         items = list(flat.items())
         for i in range(0, len(items), 100):  # MLflow caps params per batch at 100
             batch = [mlflow.entities.Param(k, v) for k, v in items[i : i + 100]]
-            with_retry("params", lambda: self.client.log_batch(self.run_id, params=batch))
+            with_retry("params", lambda b=batch: self.client.log_batch(self.run_id, params=b))
         self._pending: list[Any] = []
         self._metric = mlflow.entities.Metric
         self._system = None
@@ -200,7 +201,7 @@ class Tracker:
         while self._pending:
             batch = self._pending[:1000]
             try:
-                with_retry(f"{len(batch)} metrics", lambda: self.client.log_batch(self.run_id, metrics=batch))
+                with_retry(f"{len(batch)} metrics", lambda b=batch: self.client.log_batch(self.run_id, metrics=b))
             except RuntimeError as e:  # stayed locked: keep a durable copy before the stage fails
                 path = self._spool()
                 raise RuntimeError(f"{e}; the {len(self._pending)} unsent metrics are saved in {path} and the "
@@ -221,7 +222,7 @@ class Tracker:
         os.replace(tmp, path)
         return path
 
-    def artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
+    def artifact(self, path: Path, artifact_path: str | None = None) -> None:
         with_retry(f"artifact {path}", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
 
     def finish(self, status: str = "FINISHED") -> None:

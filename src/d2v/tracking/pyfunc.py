@@ -38,7 +38,7 @@ import binascii
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import mlflow
 import mlflow.pyfunc
@@ -122,7 +122,7 @@ class EncoderModel(mlflow.pyfunc.PythonModel):
                 except (binascii.Error, ValueError) as e:
                     raise _bad_request(f"row {i} (key {key}): column {col!r} is not valid base64: {e}") from e
                 items.append(Item(key, mod, None, data))
-        rows: list[Optional[dict[str, Any]]] = [None] * len(items)
+        rows: list[dict[str, Any] | None] = [None] * len(items)
         try:
             for mod in dict.fromkeys(it.modality for it in items):
                 idx = [j for j, it in enumerate(items) if it.modality == mod]
@@ -150,7 +150,7 @@ def _requirements() -> list[str]:
 
 
 def log_encoder(model_dir: Path, run_id: str, artifact_path: str = "encoder",
-                registered_model_name: Optional[str] = None) -> str:
+                registered_model_name: str | None = None) -> str:
     """Log a model folder as a pyfunc encoder into the existing run ``run_id``; return its URI.
 
     ``models:/<name>/<version>`` when ``registered_model_name`` is given (it is registered),

@@ -18,7 +18,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from d2v.errors import InputError
 
@@ -31,8 +31,8 @@ class Registration:
     version: str
     metric: str
     value: float
-    previous_champion: Optional[str]
-    previous_value: Optional[float]
+    previous_champion: str | None
+    previous_value: float | None
     promoted: bool
     source: str
 
@@ -46,7 +46,7 @@ def client():
     return MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
 
 
-def champion(cl, name: str) -> Optional[Any]:
+def champion(cl, name: str) -> Any | None:
     """The version holding the alias, or None (no such model or no alias yet)."""
     from mlflow.exceptions import MlflowException
 
@@ -80,7 +80,7 @@ def _ensure_model(cl, name: str, description: str) -> None:
 
 
 def register_version(cl, name: str, source: str, run_id: str, metric: str, value: float,
-                     description: str = "", tags: Optional[dict[str, str]] = None) -> Registration:
+                     description: str = "", tags: dict[str, str] | None = None) -> Registration:
     _ensure_model(cl, name, description)
     mv = cl.create_model_version(name, source=source, run_id=run_id or None, tags=tags or {})
     return promote_if_better(cl, name, mv.version, metric, value)
@@ -96,8 +96,8 @@ def _read(path: Path) -> dict:
 
 
 def register_all(tasks: list[str], prefix: str, init: str, reports: Path = Path("reports/metrics"),
-                 tokenizer: Optional[Path] = Path("models/tokenizer/spm.model"),
-                 out: Optional[Path] = None) -> list[Registration]:
+                 tokenizer: Path | None = Path("models/tokenizer/spm.model"),
+                 out: Path | None = None) -> list[Registration]:
     """Register the encoder and one classifier per task from the stage reports; write ``out``."""
     cl = client()
     regs: list[Registration] = []

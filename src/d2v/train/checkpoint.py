@@ -16,7 +16,7 @@ Writes are atomic (:func:`d2v.io.atomic_save`). Version 1 checkpoints (single pr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 
@@ -35,7 +35,7 @@ _DATA_KEYS = ("batch_size", "modalities", "grad_accum", "ckpt_every")
 
 
 def checkpoint_state(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Config, step: int,
-                     info: DistInfo) -> Optional[dict]:
+                     info: DistInfo) -> dict | None:
     """The checkpoint dict on rank 0 (None elsewhere); a collective: every rank must call it."""
     rngs = distributed.all_gather_object(rng_state(info.device))
     if info.distributed:
@@ -69,7 +69,7 @@ def config_diff(saved: Any, current: Any, prefix: str) -> list[str]:
     return []
 
 
-def load_checkpoint(path: Union[str, Path], cfg: Config, map_location: Union[str, torch.device] = "cpu") -> dict:
+def load_checkpoint(path: str | Path, cfg: Config, map_location: str | torch.device = "cpu") -> dict:
     """Read and check a pretraining checkpoint for ``cfg``: ``torch.load(weights_only=True)``.
 
     Raises ``InputError`` naming the file when it is missing, unreadable (truncated, corrupt) or not
@@ -115,7 +115,7 @@ def load_checkpoint(path: Union[str, Path], cfg: Config, map_location: Union[str
     return state
 
 
-def resume_path(resume: Union[bool, str, Path, None], default: Path, main: bool) -> Optional[Path]:
+def resume_path(resume: bool | str | Path | None, default: Path, main: bool) -> Path | None:
     """``True``: the run's own checkpoint if there is one (else start at step 0, and say so);
     a path: that file, which must exist."""
     if resume is None or resume is False:
@@ -138,7 +138,7 @@ def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     return {"cpu": torch.get_rng_state(), "cuda": cuda}
 
 
-def restore_rng(state: Optional[dict], cfg: Config, info: DistInfo) -> None:
+def restore_rng(state: dict | None, cfg: Config, info: DistInfo) -> None:
     """Per-rank runtime randomness (dropout, mask noise, layerdrop): from the checkpoint, or
     seeded ``seed + rank`` (the model itself was initialised from ``seed`` on every rank)."""
     if state is not None:

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,7 +37,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    backend: Optional[str] = None  # None: not distributed
+    backend: str | None = None  # None: not distributed
     owned: bool = False  # the group was created by init_from_env (so cleanup destroys it)
 
     @property
@@ -111,7 +112,7 @@ def init_from_env(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local, dev, backend, owned=True)
 
 
-def cleanup(info: Optional[DistInfo] = None) -> None:
+def cleanup(info: DistInfo | None = None) -> None:
     """Destroy the process group if :func:`init_from_env` created it (safe to call twice)."""
     if info is not None and not info.owned:
         return

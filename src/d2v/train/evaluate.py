@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,8 +83,8 @@ def plot_confusion(m: np.ndarray, names: list[str], title: str, path: Path) -> N
     plt.close(fig)
 
 
-def evaluate_task(cfg: Config, task: str, metrics_path: Optional[Path] = None,
-                  plot_path: Optional[Path] = None, finetune_report: Optional[Path] = None) -> dict[str, Any]:
+def evaluate_task(cfg: Config, task: str, metrics_path: Path | None = None,
+                  plot_path: Path | None = None, finetune_report: Path | None = None) -> dict[str, Any]:
     ft, tc, device = task_setup(cfg, task)
     t0 = time.perf_counter()
     clf, meta = load_classifier(Path(ft.out_dir) / task / "pretrained")

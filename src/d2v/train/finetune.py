@@ -21,7 +21,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -135,7 +135,7 @@ def task_setup(cfg: Config, task: str) -> tuple[Any, TaskConfig, torch.device]:
 
 
 def finetune_task(cfg: Config, task: str, progress: bool = True, inits: tuple[str, ...] = INITS,
-                  metrics_path: Optional[Path] = None, history_path: Optional[Path] = None) -> dict[str, FinetuneRun]:
+                  metrics_path: Path | None = None, history_path: Path | None = None) -> dict[str, FinetuneRun]:
     """Fine-tune the pretrained and the random-init classifier of ``task`` with the same budget."""
     ft, tc, device = task_setup(cfg, task)
     names = label_names(cfg.data.root, task)
@@ -186,7 +186,7 @@ def finetune_task(cfg: Config, task: str, progress: bool = True, inits: tuple[st
 
 
 def _write_reports(task: str, runs: dict[str, FinetuneRun], n_train: int, n_val: int,
-                   metrics_path: Optional[Path], history_path: Optional[Path]) -> None:
+                   metrics_path: Path | None, history_path: Path | None) -> None:
     if metrics_path is not None:
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         report: dict[str, Any] = {"task": task, "train_samples": n_train, "val_samples": n_val}

@@ -11,7 +11,6 @@ fine-tuning from pretraining stayed at chance").
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 import torch
 
@@ -36,7 +35,7 @@ class SpeechFrontEndMonitor:
     def start_step(self) -> None:
         self._records.clear()
 
-    def stats(self) -> Optional[torch.Tensor]:
+    def stats(self) -> torch.Tensor | None:
         return torch.stack(self._records).mean(0) if self._records else None
 
     def check(self, step: int, mean: float, std: float, frame_std: float) -> None:

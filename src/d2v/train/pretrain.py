@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -68,7 +68,7 @@ class StepStats:
     target_var: float
     pred_var: float
     ema_decay: float
-    local: Optional[list[float]] = None  # speech: front-end (mean, std, frame std)
+    local: list[float] | None = None  # speech: front-end (mean, std, frame std)
 
 
 def train_step(cfg: Config, info: DistInfo, model: Data2Vec2, net: torch.nn.Module, opt: torch.optim.Optimizer,
@@ -109,9 +109,9 @@ def train_step(cfg: Config, info: DistInfo, model: Data2Vec2, net: torch.nn.Modu
     return StepStats(loss_v, tvar, pvar, decay, local_v or None)
 
 
-def pretrain(cfg: Config, resume: Union[bool, str, Path] = False, progress: bool = True,
-             metrics_path: Optional[Path] = None, history_path: Optional[Path] = None,
-             stop_after: Optional[int] = None) -> PretrainResult:
+def pretrain(cfg: Config, resume: bool | str | Path = False, progress: bool = True,
+             metrics_path: Path | None = None, history_path: Path | None = None,
+             stop_after: int | None = None) -> PretrainResult:
     """Pretrain ``cfg``, in one process or under torchrun (DDP).
 
     ``resume``: ``True`` continues from ``<train.out_dir>/checkpoint.pt`` if it exists (from step 0,
@@ -124,7 +124,7 @@ def pretrain(cfg: Config, resume: Union[bool, str, Path] = False, progress: bool
 
 
 def _pretrain(cfg: Config, info: DistInfo, resume, progress: bool, metrics_path, history_path,
-              stop_after: Optional[int]) -> PretrainResult:
+              stop_after: int | None) -> PretrainResult:
     t = cfg.train
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if t.threads > 0:
@@ -250,8 +250,8 @@ def _log_step(t: Any, tracker: Any, bar: tqdm, progress: bool, row: dict, s: Ste
               f"tvar {s.target_var:.3f} pvar {s.pred_var:.3f} samples/s {sps:.1f}", flush=True)
 
 
-def _finish(cfg: Config, result: PretrainResult, out_dir: Path, ckpt_path: Path, metrics_path: Optional[Path],
-            history_path: Optional[Path], tracker: Any, interrupted: bool) -> None:
+def _finish(cfg: Config, result: PretrainResult, out_dir: Path, ckpt_path: Path, metrics_path: Path | None,
+            history_path: Path | None, tracker: Any, interrupted: bool) -> None:
     """Rank 0: the run's config, metrics JSON, loss TSV and MLflow artifacts (an interrupted run
     writes only its checkpoint)."""
     if not interrupted:
@@ -269,8 +269,8 @@ def _finish(cfg: Config, result: PretrainResult, out_dir: Path, ckpt_path: Path,
         tracker.finish()
 
 
-def _write_reports(cfg: Config, result: PretrainResult, metrics_path: Optional[Path],
-                   history_path: Optional[Path]) -> None:
+def _write_reports(cfg: Config, result: PretrainResult, metrics_path: Path | None,
+                   history_path: Path | None) -> None:
     if metrics_path is not None:
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text(json.dumps({

@@ -326,7 +326,8 @@ def _download_imagenet_folder(cfg: ImageDataConfig, root: Path, seed: int, progr
             elif len(rel.parts) != 2:
                 quarantine.append({"key": k, "path": relpath, "reason": f"not directly inside a class folder ({sub}/<class>/<file>)"})
             elif p.suffix.lower() not in IMAGE_EXTS:
-                quarantine.append({"key": k, "path": relpath, "reason": f"unsupported file type {p.suffix or '(none)'!r} (JPEG/PNG expected)"})
+                why = f"unsupported file type {p.suffix or '(none)'!r} (JPEG/PNG expected)"
+                quarantine.append({"key": k, "path": relpath, "reason": why})
             else:
                 items.append((sub, rel.parts[0], k, p))
 

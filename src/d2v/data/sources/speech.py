@@ -49,12 +49,13 @@ import tarfile
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, is_dataclass
 from functools import lru_cache
 from math import gcd
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -133,10 +134,10 @@ class Espeak:
     Synthesis itself runs in worker processes (``_WORKER``), see the module docstring.
     """
 
-    _instance: "Espeak | None" = None
+    _instance: Espeak | None = None
 
     @classmethod
-    def get(cls) -> "Espeak":
+    def get(cls) -> Espeak:
         if cls._instance is None:
             cls._instance = cls()
         return cls._instance

