@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from d2v.models.config import MODALITIES, ConfigError, ModelConfig
+from d2v.models.config import MODALITIES, OBJECTIVES, ConfigError, ModelConfig
 from d2v.models.config import need as _need
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -26,6 +26,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 class TrainConfig:
     """Optimisation and run control for pretraining (the released values: fairseq ``examples/data2vec/config/v2/*.yaml``)."""
 
+    # data2vec2 (this project's model) | data2vec1 | mae (image only) | bert (text only): the
+    # baselines of d2v.models.baselines, trained by the same loop, loaders, DDP and checkpoints
+    objective: str = "data2vec2"
     modalities: list[str] = field(default_factory=lambda: ["image"])  # trained in turn, one batch each
     # GLOBAL samples per forward pass per modality, summed over all processes: under torchrun each of
     # the WORLD_SIZE processes gets batch_size / WORLD_SIZE (it must divide); one optimizer step
@@ -43,12 +46,26 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     device: str = "auto"
     threads: int = 0  # torch CPU threads, 0 = torch default
+    # torch.compile the data2vec2 step (student forward + backward, teacher forward; d2v.train.compile);
+    # eager, with one warning, where compiling fails. Off by default: see BENCHMARKS.md (torch.compile)
+    compile: bool = False
     log_every: int = 10
     # also checkpoint every N steps (0: only at the end); shard streams are re-seeded at these
     # boundaries, so a resumed run sees the batches an uninterrupted one would
     ckpt_every: int = 0
     track: bool = True  # log params, per-step metrics and artifacts to MLflow (see d2v.tracking)
     out_dir: str = "models/pretrain"
+    # also keep every Nth step's checkpoint as checkpoint_<step>.pt (0: only the one checkpoint.pt)
+    keep_every: int = 0
+    # a wall-clock budget of training minutes (probes excluded): the lr schedule runs over it and the
+    # run stops when it is spent (or at max_steps). 0: steps only.
+    max_minutes: float = 0.0
+    # online evaluation: every N steps (and at the end), a linear probe of frozen mean-pooled features
+    # per trained modality with labels, fit on probe_train labelled training samples and scored on
+    # probe_val validation samples (shards only); 0: off
+    probe_every: int = 0
+    probe_train: int = 1000
+    probe_val: int = 500
 
     def validate(self) -> TrainConfig:
         _need(len(self.modalities) > 0, "train.modalities", "list at least one modality")
@@ -70,6 +87,13 @@ class TrainConfig:
         _need(self.clip_norm >= 0, "train.clip_norm", f"must be >= 0 (0: no clipping), got {self.clip_norm}")
         _need(self.threads >= 0, "train.threads", f"must be >= 0 (0: torch default), got {self.threads}")
         _need(self.log_every >= 0, "train.log_every", f"must be >= 0, got {self.log_every}")
+        _need(self.objective in OBJECTIVES, "train.objective",
+              f"unknown objective {self.objective!r}; expected one of {', '.join(OBJECTIVES)}")
+        _need(self.keep_every >= 0, "train.keep_every", f"must be >= 0 (0: keep only checkpoint.pt), got {self.keep_every}")
+        _need(self.max_minutes >= 0, "train.max_minutes", f"must be >= 0 (0: no time budget), got {self.max_minutes}")
+        _need(self.probe_every >= 0, "train.probe_every", f"must be >= 0 (0: no online probe), got {self.probe_every}")
+        _need(self.probe_train >= 10 and self.probe_val >= 10, "train.probe_train/probe_val",
+              f"need at least 10 samples each, got {self.probe_train} / {self.probe_val}")
         _need(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), "train.device",
               f"auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         return self
@@ -291,6 +315,12 @@ class Config:
         self.train.validate()
         for m in self.train.modalities:
             _need(getattr(self.model, m) is not None, "train.modalities", f"{m!r} is trained but model.{m} is not configured")
+        only = {"mae": "image", "bert": "text"}.get(self.train.objective)
+        _need(only is None or self.train.modalities == [only], "train.objective",
+              f"{self.train.objective} is a {only}-only objective; train.modalities must be [{only}], "
+              f"got {self.train.modalities}")
+        _need(not (self.train.probe_every and self.data.source != "shards"), "train.probe_every",
+              "the online probe reads the labelled shards: it needs data.source=shards (the pipeline's data)")
         self.data.validate()
         self.finetune.validate()
         return self

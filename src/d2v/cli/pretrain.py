@@ -61,10 +61,15 @@ def main(argv: list[str]) -> int:
 
         cfg = config_from_args(ns)
         metrics, history = report_paths(cfg, ns.params is not None, ns.metrics, ns.history)
-        res = pretrain(cfg, resume=ns.resume_from or ns.resume, progress=not ns.no_progress, metrics_path=metrics, history_path=history)
+        probe = history.with_name(history.name.replace("loss", "probe"))  # pretrain_probe.tsv / probe.tsv
+        res = pretrain(cfg, resume=ns.resume_from or ns.resume, progress=not ns.no_progress, metrics_path=metrics,
+                       history_path=history, probe_path=probe)
         if os.environ.get("RANK", "0") == "0":  # once under torchrun (rank 0)
-            print(json.dumps({"first_loss": res.first_loss, "final_loss": res.last_loss,
-                              "median_step_time_s": res.step_time_s, "checkpoint": res.checkpoint}, indent=2))
+            final_probe = {r["modality"]: r["accuracy"] for r in res.probes if r["step"] == res.steps}
+            print(json.dumps({"objective": cfg.train.objective, "first_loss": res.first_loss,
+                              "final_loss": res.last_loss, "median_step_time_s": res.step_time_s,
+                              "samples_per_s": res.samples_per_s, "copies_per_s": res.copies_per_s,
+                              "probe": final_probe, "checkpoint": res.checkpoint}, indent=2))
         return 0
 
     return run_cli(run)

@@ -32,11 +32,9 @@ from d2v.tokens import BOS, EOS, PAD, UNK
 
 from . import masking
 from .blocks import make_blocks, run_blocks
-from .config import ModelConfig
+from .config import OBJECTIVES, ModelConfig
 from .data2vec2 import Data2Vec2, _init_bert_params, token_padding_mask
 from .encoders import InputError, sincos_2d
-
-OBJECTIVES = ("data2vec2", "data2vec1", "mae", "bert")
 
 
 @dataclass

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from d2v.errors import ConfigError
 
 MODALITIES = ("image", "speech", "text")
+# Pretraining objectives over the same encoder code (d2v.models.baselines): MAE is image-only, BERT text-only.
+OBJECTIVES = ("data2vec2", "data2vec1", "mae", "bert")
 
 
 def need(cond: bool, name: str, msg: str) -> None:

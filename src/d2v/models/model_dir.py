@@ -182,6 +182,16 @@ def save_model_dir(model: torch.nn.Module, out_dir: str | Path, *, tokenizer: To
 
 
 # ------------------------------------------------------------------------------------ load
+def encoder_state(sd: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The ``Data2Vec2`` part of a pretraining state dict: a baseline objective's checkpoint
+    (``train.objective=data2vec1|mae|bert``, :mod:`d2v.models.baselines`) holds it under
+    ``backbone.``, beside the objective's own heads (MAE's pixel decoder, BERT's LM head), which
+    fine-tuning, evaluation and encoding do not use."""
+    if not isinstance(sd, Mapping) or not any(str(k).startswith("backbone.") for k in sd):
+        return sd
+    return {k[len("backbone."):]: v for k, v in sd.items() if str(k).startswith("backbone.")}
+
+
 def _build(cfg_dict: Any, sd: Mapping[str, Any], where: str, map_location: str):
     from .data2vec2 import Data2Vec2
 
@@ -267,10 +277,12 @@ def _load_file(path: Path, map_location: str, tokenizer_fallback: Path | None = 
         raise InputError(f"{path}: not a d2v model (expected a model folder or a pretraining checkpoint with "
                          f"'model' and 'config', got {keys})")
     config = obj["config"]
-    model = _build(config["model"], obj["model"], str(path), map_location)
+    train = config.get("train") if isinstance(config.get("train"), Mapping) else {}
+    objective = str(train.get("objective", "data2vec2"))
+    model = _build(config["model"], encoder_state(obj["model"]), str(path), map_location)
     info = {
         "format": FORMAT, "kind": "checkpoint", "path": str(path), "model": model_config_to_dict(model.cfg),
-        "source": f"pretrain:{path.name}", "extra": {"step": obj.get("step")},
+        "source": f"pretrain:{path.name}", "extra": {"step": obj.get("step"), "objective": objective},
         "tokenizer": _project_tokenizer(path, config, model.cfg, tokenizer_fallback),
     }
     return model, info

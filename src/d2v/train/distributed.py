@@ -220,7 +220,8 @@ def rank_loss(out: Any, world_size: int) -> torch.Tensor:
     the whole global batch; the image CLS term is a sum over instances (``* sample_size`` in the
     model undoes the division), so it is taken as this rank's sum. In a world of one: ``out.loss``.
     """
-    if world_size == 1:
+    if world_size == 1 or getattr(out, "sample_size", None) is None:
+        # a baseline (d2v.models.baselines) has no sample size: DDP's mean of the ranks' mean losses
         return out.loss
     local = out.sample_size.detach().float()
     total = all_reduce_sum(local.clone()).clamp_min(1)

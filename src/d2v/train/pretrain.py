@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,10 +41,13 @@ from d2v.data.streams import PretrainData
 from d2v.errors import InputError
 from d2v.io import atomic_save
 from d2v.models import CollapseError, Data2Vec2
+from d2v.models.baselines import backbone_of, objective
+from d2v.models.data2vec2 import compute_var
 from d2v.train import checkpoint, distributed
 from d2v.train.checkpoint import CHECKPOINT, load_checkpoint
 from d2v.train.distributed import DistInfo
 from d2v.train.monitor import SpeechFrontEndMonitor
+from d2v.train.probe import OnlineProbe
 from d2v.train.schedule import lr_at
 
 
@@ -54,6 +58,9 @@ class PretrainResult:
     last_loss: dict[str, float] = field(default_factory=dict)
     step_time_s: dict[str, float] = field(default_factory=dict)
     samples_per_s: float = 0.0
+    copies_per_s: float = 0.0  # masked copies: samples x clone_batch (data2vec 1/2), samples (MAE, BERT)
+    train_seconds: float = 0.0  # wall clock of training, probes excluded
+    probes: list[dict] = field(default_factory=list)
     checkpoint: str = ""
     mlflow_run_id: str = ""
     history: list[dict] = field(default_factory=list)
@@ -71,11 +78,14 @@ class StepStats:
     local: list[float] | None = None  # speech: front-end (mean, std, frame std)
 
 
-def train_step(cfg: Config, info: DistInfo, model: Data2Vec2, net: torch.nn.Module, opt: torch.optim.Optimizer,
+def train_step(cfg: Config, info: DistInfo, model: torch.nn.Module, net: torch.nn.Module, opt: torch.optim.Optimizer,
                data: PretrainData, modality: str, step: int, use_bf16: bool,
                monitor: SpeechFrontEndMonitor) -> StepStats:
     """One optimizer step on ``modality`` (``grad_accum`` micro-batches), then the EMA teacher update
-    (fairseq's ``Data2VecMultiModel.set_num_updates``) and the collapse / NaN guards."""
+    (fairseq's ``Data2VecMultiModel.set_num_updates``) and the collapse / NaN guards.
+
+    ``model`` is a ``Data2Vec2`` or one of the baselines of :mod:`d2v.models.baselines`; MAE and BERT
+    draw their own masks (MAE's random 75%, BERT's 15% of real tokens), the others take the loader's."""
     t = cfg.train
     device = info.device
     monitor.start_step()
@@ -88,8 +98,11 @@ def train_step(cfg: Config, info: DistInfo, model: Data2Vec2, net: torch.nn.Modu
         last = micro == t.grad_accum - 1
         sync = contextlib.nullcontext() if last or not info.distributed else net.no_sync()
         with sync:
+            kw = {"mask": batch.mask if t.objective in ("data2vec2", "data2vec1") else None}
+            if batch.padding_mask is not None:
+                kw["padding_mask"] = batch.padding_mask
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                out = net(src, modality, mask=batch.mask, padding_mask=batch.padding_mask)
+                out = net(src, modality, **kw)
             loss = distributed.rank_loss(out, info.world_size)
             (loss / t.grad_accum).backward()
         losses.append(loss.detach())
@@ -98,33 +111,50 @@ def train_step(cfg: Config, info: DistInfo, model: Data2Vec2, net: torch.nn.Modu
     opt.step()
     decay = model.update_teacher(step + 1)
     # One collective for what is logged and guarded: means over ranks.
-    parts = [torch.stack(losses).mean().float(), out.target_var.float(), out.pred_var.float()]
+    parts = [torch.stack(losses).mean().float(), *_variances(out)]
     local = monitor.stats() if modality == "speech" else None
     if local is not None:
         parts += list(local.to(parts[0].device))
     stats = torch.stack(parts)
     distributed.all_reduce_mean(stats)
-    model.check_collapse(SimpleNamespace(loss=stats[0], target_var=stats[1], pred_var=stats[2]), step + 1)
+    health = SimpleNamespace(loss=stats[0], target_var=stats[1], pred_var=stats[2])
+    if isinstance(model, Data2Vec2):
+        model.check_collapse(health, step + 1)
+    elif not bool(torch.isfinite(stats[0])):  # the baselines: the NaN/Inf guard only
+        raise CollapseError(f"step {step + 1}: loss is {float(stats[0])} (not finite)")
     loss_v, tvar, pvar, *local_v = (float(v) for v in stats.tolist())
     return StepStats(loss_v, tvar, pvar, decay, local_v or None)
 
 
+def _variances(out) -> list[torch.Tensor]:
+    """Target and prediction variance (fairseq ``compute_var``); a baseline's from its pred/target
+    (NaN where the target is not a float, BERT's token ids)."""
+    if getattr(out, "target_var", None) is not None:
+        return [out.target_var.float(), out.pred_var.float()]
+    nan = torch.tensor(float("nan"), device=out.loss.device)
+    if not out.target.is_floating_point():
+        return [nan, nan]
+    return [compute_var(out.target.detach()), compute_var(out.pred.detach())]
+
+
 def pretrain(cfg: Config, resume: bool | str | Path = False, progress: bool = True,
              metrics_path: Path | None = None, history_path: Path | None = None,
-             stop_after: int | None = None) -> PretrainResult:
+             stop_after: int | None = None, probe_path: Path | None = None) -> PretrainResult:
     """Pretrain ``cfg``, in one process or under torchrun (DDP).
 
     ``resume``: ``True`` continues from ``<train.out_dir>/checkpoint.pt`` if it exists (from step 0,
     with a note, if not); a path continues from that checkpoint (an ``InputError`` if missing).
     ``stop_after`` ends the run early after that step's checkpoint (an interruption, for tests).
+    ``probe_path``: the online probe's TSV (step, train_seconds, modality, accuracy).
     """
     cfg.validate()
     with distributed.process_group(cfg.train.device) as info:
-        return _pretrain(cfg, info, resume, progress and info.is_main, metrics_path, history_path, stop_after)
+        return _pretrain(cfg, info, resume, progress and info.is_main, metrics_path, history_path, stop_after,
+                         probe_path)
 
 
 def _pretrain(cfg: Config, info: DistInfo, resume, progress: bool, metrics_path, history_path,
-              stop_after: int | None) -> PretrainResult:
+              stop_after: int | None, probe_path: Path | None) -> PretrainResult:
     t = cfg.train
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if t.threads > 0:
@@ -132,7 +162,8 @@ def _pretrain(cfg: Config, info: DistInfo, resume, progress: bool, metrics_path,
     device = info.device
     use_bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
 
-    model = Data2Vec2(cfg.model).to(device)
+    model = objective(t.objective, cfg.model).to(device)
+    backbone = backbone_of(model)  # the Data2Vec2 encoder every objective trains
     opt = torch.optim.AdamW(model.param_groups(t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
                             fused=device.type == "cuda")
     out_dir = Path(t.out_dir)
@@ -146,42 +177,75 @@ def _pretrain(cfg: Config, info: DistInfo, resume, progress: bool, metrics_path,
             opt.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             msg = (str(e).strip().splitlines() or [""])[0][:300]
-            raise InputError(f"{path}: cannot restore the model/optimizer: {msg}") from e
+            raise InputError(f"{path}: cannot restore the model/optimizer (written for another "
+                             f"train.objective?): {msg}") from e
         start = int(state["step"])
         if info.is_main:
             print(f"resumed from {path} at step {start}", flush=True)
             checkpoint.note_resume_differences(state, cfg, start, info.world_size)
     checkpoint.restore_rng(state, cfg, info)
+    from d2v.train.compile import compile_model  # train.compile: the step through torch.compile
+
+    compile_model(model, t.compile)  # before DDP wraps it; eager, with one warning, if compiling fails
     net = distributed.wrap_ddp(model, info)
     data = PretrainData(cfg, info.rank, info.world_size)
+    probe = OnlineProbe(cfg, device) if t.probe_every and info.is_main else None
+    budget_s = t.max_minutes * 60.0
+    trained_s = float(state.get("train_seconds", 0.0)) if state is not None else 0.0  # before this process
 
     def save(step: int) -> None:
         ckpt = checkpoint.checkpoint_state(model, opt, cfg, step, info)
-        if ckpt is not None:
-            atomic_save(ckpt, ckpt_path)
+        if ckpt is None:
+            return
+        ckpt["train_seconds"] = trained_s + clock()
+        atomic_save(ckpt, ckpt_path)
+        if t.keep_every and step % t.keep_every == 0:  # a kept copy, beside the one that is overwritten
+            kept = out_dir / f"checkpoint_{step}.pt"
+            kept.unlink(missing_ok=True)
+            os.link(ckpt_path, kept)
 
     result = PretrainResult(steps=t.max_steps, world_size=info.world_size)
     tracker = None
     if t.track and info.is_main:
         from d2v.tracking.mlflow_utils import Tracker
 
-        tracker = Tracker("pretrain", to_dict(cfg), tags={"stage": "pretrain", "resumed_from": str(start),
+        tracker = Tracker("pretrain", to_dict(cfg), tags={"stage": "pretrain", "objective": t.objective,
+                                                          "resumed_from": str(start),
                                                           "world_size": str(info.world_size)})
         result.mlflow_run_id = tracker.run_id
+
+    def clock() -> float:  # training seconds of this process, probes excluded
+        return time.perf_counter() - t_start - (probe.seconds if probe is not None else 0.0)
+
+    def run_probe(step: int) -> None:
+        accs = probe(backbone)
+        secs = trained_s + clock()
+        for m, acc in accs.items():
+            result.probes.append({"step": step, "train_seconds": round(secs, 3), "modality": m, "accuracy": acc})
+        if tracker is not None:
+            tracker.log({f"probe/{m}": acc for m, acc in accs.items()} | {"train_seconds": secs}, step)
+        print(f"probe at step {step} ({secs:.0f} s of training): "
+              + ", ".join(f"{m} {a:.3f}" for m, a in accs.items()), flush=True)
 
     # ------------------------------------------------------------------ the loop
     times: dict[str, list[float]] = {m: [] for m in t.modalities}
     n_samples, t_start = 0, time.perf_counter()
+    copies = cfg.model.clone_batch if t.objective in ("data2vec2", "data2vec1") else 1
     last_good = start if start > 0 and ckpt_path.exists() else None  # step of the checkpoint on disk
-    monitor = SpeechFrontEndMonitor(model, enabled="speech" in t.modalities)
+    monitor = SpeechFrontEndMonitor(backbone, enabled="speech" in t.modalities)
     end = t.max_steps if stop_after is None else min(t.max_steps, stop_after)
+    done = start
     model.train()
+    if probe is not None and start == 0:
+        run_probe(0)
     bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, disable=not progress,
                desc="pretrain", unit="step", dynamic_ncols=True)
     try:
         for step in bar:
             modality = t.modalities[step % len(t.modalities)]
-            lr = lr_at(step, t.lr, t.warmup_steps, t.max_steps, t.min_lr)
+            # a time budget runs the schedule over the minutes instead of the steps
+            at = step if not budget_s else int(t.max_steps * min(1.0, (trained_s + clock()) / budget_s))
+            lr = lr_at(at, t.lr, t.warmup_steps, t.max_steps, t.min_lr)
             for group in opt.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
@@ -192,27 +256,33 @@ def _pretrain(cfg: Config, info: DistInfo, resume, progress: bool, metrics_path,
                         else "no checkpoint was written before it")
                 raise CollapseError(f"pretraining stopped ({modality} batch): {e}; {kept}") from e
             dt = time.perf_counter() - t0
+            done = step + 1
             times[modality].append(dt)
             n_samples += t.batch_size * t.grad_accum  # global
             result.first_loss.setdefault(modality, s.loss)
             result.last_loss[modality] = s.loss
-            row = {"step": step + 1, "modality": modality, "loss": s.loss, "lr": lr,
+            row = {"step": done, "modality": modality, "loss": s.loss, "lr": lr,
                    "ema_decay": s.ema_decay, "target_var": s.target_var, "pred_var": s.pred_var,
                    "step_time_s": dt}
             if "speech" in t.modalities:  # the same columns on every row (the history is a TSV)
                 row["local_mean"], row["local_std"], row["local_frame_std"] = s.local or (float("nan"),) * 3
                 if s.local and info.is_main:
-                    monitor.check(step + 1, *s.local)
+                    monitor.check(done, *s.local)
             result.history.append(row)
+            out_of_time = bool(budget_s) and distributed.broadcast_object(trained_s + clock() >= budget_s)
+            last = done >= end or out_of_time
             if info.is_main:
-                _log_step(t, tracker, bar, progress, row, s, n_samples / (time.perf_counter() - t_start))
-            if t.ckpt_every and (step + 1) % t.ckpt_every == 0 and step + 1 < end:
-                save(step + 1)
-                last_good = step + 1
-            if step + 1 >= end:
+                sps = n_samples / max(1e-9, clock())
+                _log_step(t, tracker, bar, progress, row, s, sps, sps * copies)
+            if probe is not None and (done % t.probe_every == 0 or last):
+                run_probe(done)
+            if t.ckpt_every and done % t.ckpt_every == 0 and not last:
+                save(done)
+                last_good = done
+            if last:
                 break
         bar.close()
-        save(max(start, end))
+        save(max(start, done))
     except BaseException:
         if tracker is not None:
             tracker.finish("FAILED")
@@ -221,24 +291,28 @@ def _pretrain(cfg: Config, info: DistInfo, resume, progress: bool, metrics_path,
         bar.close()
         monitor.close()
     result.checkpoint = str(ckpt_path)
+    result.steps = max(start, done)
+    result.train_seconds = trained_s + clock()
     if stop_after is None:
-        result.samples_per_s = n_samples / max(1e-9, time.perf_counter() - t_start)
+        result.samples_per_s = n_samples / max(1e-9, clock())
+        result.copies_per_s = result.samples_per_s * copies
         for m, ts in times.items():
             if ts:  # median step time, skipping the first (warm-up) step
                 srt = sorted(ts[1:] or ts)
                 result.step_time_s[m] = srt[len(srt) // 2]
     if info.is_main:
-        _finish(cfg, result, out_dir, ckpt_path, metrics_path, history_path, tracker,
+        _finish(cfg, result, out_dir, ckpt_path, metrics_path, history_path, probe_path, tracker,
                 interrupted=stop_after is not None)
     distributed.barrier()  # every rank returns after rank 0's files exist
     return result
 
 
-def _log_step(t: Any, tracker: Any, bar: tqdm, progress: bool, row: dict, s: StepStats, sps: float) -> None:
+def _log_step(t: Any, tracker: Any, bar: tqdm, progress: bool, row: dict, s: StepStats, sps: float,
+              cps: float) -> None:
     m, step = row["modality"], row["step"]
     if tracker is not None:
         logged = {f"{m}/loss": s.loss, f"{m}/target_var": s.target_var, f"{m}/pred_var": s.pred_var,
-                  "lr": row["lr"], "ema_decay": row["ema_decay"], "samples_per_s": sps}
+                  "lr": row["lr"], "ema_decay": row["ema_decay"], "samples_per_s": sps, "copies_per_s": cps}
         if s.local:
             logged.update({"speech/local_mean": s.local[0], "speech/local_std": s.local[1],
                            "speech/local_frame_std": s.local[2]})
@@ -247,13 +321,13 @@ def _log_step(t: Any, tracker: Any, bar: tqdm, progress: bool, row: dict, s: Ste
         bar.set_postfix(mod=m[:2], loss=f"{s.loss:.3f}", lr=f"{row['lr']:.1e}", sps=f"{sps:.1f}")
     elif t.log_every and step % t.log_every == 0:
         print(f"step {step}/{t.max_steps} {m} loss {s.loss:.4f} lr {row['lr']:.2e} "
-              f"tvar {s.target_var:.3f} pvar {s.pred_var:.3f} samples/s {sps:.1f}", flush=True)
+              f"tvar {s.target_var:.3f} pvar {s.pred_var:.3f} samples/s {sps:.1f} copies/s {cps:.1f}", flush=True)
 
 
 def _finish(cfg: Config, result: PretrainResult, out_dir: Path, ckpt_path: Path, metrics_path: Path | None,
-            history_path: Path | None, tracker: Any, interrupted: bool) -> None:
-    """Rank 0: the run's config, metrics JSON, loss TSV and MLflow artifacts (an interrupted run
-    writes only its checkpoint)."""
+            history_path: Path | None, probe_path: Path | None, tracker: Any, interrupted: bool) -> None:
+    """Rank 0: the run's config, metrics JSON, loss and probe TSVs and MLflow artifacts (an
+    interrupted run writes only its checkpoint)."""
     if not interrupted:
         (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     if tracker is not None:
@@ -261,30 +335,41 @@ def _finish(cfg: Config, result: PretrainResult, out_dir: Path, ckpt_path: Path,
             if p.exists():
                 tracker.artifact(p, "pretrain")
     if not interrupted:
-        _write_reports(cfg, result, metrics_path, history_path)
+        _write_reports(cfg, result, metrics_path, history_path, probe_path)
     if tracker is not None:
-        for p in (metrics_path, history_path):
+        for p in (metrics_path, history_path, probe_path):
             if p is not None and p.exists():
                 tracker.artifact(p, "reports")
         tracker.finish()
 
 
+def _write_tsv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, delimiter="\t")
+        w.writeheader()
+        w.writerows(rows)
+
+
 def _write_reports(cfg: Config, result: PretrainResult, metrics_path: Path | None,
-                   history_path: Path | None) -> None:
+                   history_path: Path | None, probe_path: Path | None) -> None:
     if metrics_path is not None:
+        final_probe = {r["modality"]: r["accuracy"] for r in result.probes if r["step"] == result.steps}
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text(json.dumps({
-            "steps": cfg.train.max_steps,
+            "objective": cfg.train.objective,
+            "steps": result.steps,
             "first_loss": result.first_loss,
             "final_loss": result.last_loss,
             "median_step_time_s": result.step_time_s,
             "samples_per_s": result.samples_per_s,
+            "copies_per_s": result.copies_per_s,
+            "train_seconds": result.train_seconds,
+            "probe": final_probe,
             "world_size": result.world_size,
             "mlflow_run_id": result.mlflow_run_id,
         }, indent=2))
     if history_path is not None and result.history:
-        history_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(history_path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(result.history[0]), delimiter="\t")
-            w.writeheader()
-            w.writerows(result.history)
+        _write_tsv(history_path, result.history, list(result.history[0]))
+    if probe_path is not None:  # always written (a header alone when the probe is off): a DVC plot
+        _write_tsv(probe_path, result.probes, ["step", "train_seconds", "modality", "accuracy"])

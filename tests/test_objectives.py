@@ -1,0 +1,111 @@
+"""`train.objective` (data2vec2 | data2vec1 | mae | bert) in `d2v pretrain`, the online probe, and the
+run knobs (keep_every, max_minutes, copies/s): same loop, loaders, checkpoints and resume for all."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from test_pretrain import shard_root, tiny, tiny_shards  # noqa: F401 - shard_root is a fixture
+
+from d2v.config import load_config
+from d2v.errors import ConfigError, InputError
+from d2v.models.model_dir import load_model_dir
+from d2v.train.pretrain import pretrain
+
+
+@pytest.mark.parametrize("objective, modality", [("mae", "image"), ("bert", "text"), ("data2vec1", "image")])
+def test_each_objective_trains_in_d2v_pretrain_and_its_encoder_loads_for_downstream_use(tmp_path, objective,
+                                                                                         modality):
+    cfg = tiny(tmp_path, f"train.objective={objective}", f"train.modalities=[{modality}]", "train.max_steps=3",
+               "+train.track=false", "train.batch_size=4")
+    res = pretrain(cfg, progress=False)
+    assert res.steps == 3 and torch.isfinite(torch.tensor(res.last_loss[modality]))
+    state = torch.load(res.checkpoint, weights_only=True)
+    assert state["config"]["train"]["objective"] == objective
+    assert any(k.startswith("backbone.") for k in state["model"])  # the baseline wraps the encoder
+    # d2v finetune / evaluate / encode load the checkpoint's encoder: the trained backbone, not a fresh one
+    model, info = load_model_dir(res.checkpoint)
+    assert info["extra"]["objective"] == objective
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state["model"][f"backbone.{k}"]), k
+    # copies/s counts the masked copies: M per sample for data2vec 1/2, one for MAE and BERT
+    want = cfg.model.clone_batch if objective == "data2vec1" else 1
+    assert res.copies_per_s == pytest.approx(res.samples_per_s * want)
+
+
+def test_a_baseline_run_resumes_exactly(tmp_path):
+    over = ["train.objective=mae", "train.modalities=[image]", "train.max_steps=4", "+train.track=false",
+            "train.batch_size=4"]
+    ref = torch.load(pretrain(tiny(tmp_path / "a", *over), progress=False).checkpoint, weights_only=True)
+    cfg = tiny(tmp_path / "b", *over)
+    pretrain(cfg, progress=False, stop_after=2)
+    got = torch.load(pretrain(cfg, resume=True, progress=False).checkpoint, weights_only=True)
+    for k, v in ref["model"].items():  # MAE draws its masks from the RNG the checkpoint restores
+        assert torch.equal(v, got["model"][k]), k
+
+
+@pytest.mark.parametrize("over, msg", [
+    (["train.objective=mae", "train.modalities=[image,text]"], r"mae is a image-only objective"),
+    (["train.objective=bert", "train.modalities=[image]"], r"bert is a text-only objective"),
+    (["train.objective=simclr"], r"unknown objective 'simclr'"),
+    (["train.probe_every=10"], r"online probe reads the labelled shards: it needs data.source=shards"),
+])
+def test_an_objective_or_probe_that_does_not_fit_is_a_clear_error(tmp_path, over, msg):
+    with pytest.raises(ConfigError, match=msg):
+        tiny(tmp_path, *over).validate()
+
+
+def test_keep_every_keeps_numbered_checkpoints(tmp_path):
+    res = pretrain(tiny(tmp_path, "train.modalities=[image]", "train.max_steps=4", "train.keep_every=2",
+                        "train.ckpt_every=2", "+train.track=false", "train.batch_size=4"), progress=False)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("checkpoint*.pt")) == ["checkpoint.pt", "checkpoint_2.pt", "checkpoint_4.pt"]
+    assert torch.load(out / "checkpoint_2.pt", weights_only=True)["step"] == 2
+    assert torch.load(res.checkpoint, weights_only=True)["step"] == 4
+
+
+def test_max_minutes_stops_on_time_and_spreads_the_schedule_over_it(tmp_path):
+    res = pretrain(tiny(tmp_path, "train.modalities=[image]", "train.max_steps=100000", "train.max_minutes=0.02",
+                        "train.warmup_steps=0", "+train.track=false", "train.batch_size=4"), progress=False)
+    assert 1 <= res.steps < 100000  # 1.2 s of training, not 100,000 steps
+    assert res.train_seconds >= 1.2
+    lrs = [r["lr"] for r in res.history]
+    assert lrs[0] > lrs[-1] and lrs[-1] < 0.5 * lrs[0]  # the cosine ran over the minutes, not the steps
+    assert torch.load(res.checkpoint, weights_only=True)["train_seconds"] == pytest.approx(res.train_seconds, rel=0.2)
+
+
+def test_online_probe_logs_curves_without_changing_training(tmp_path, shard_root):  # noqa: F811
+    over = ["train.modalities=[image,text]", "train.max_steps=4", "train.probe_train=12", "train.probe_val=10"]
+    plain = pretrain(tiny_shards(tmp_path / "a", shard_root, *over), progress=False)
+    probe_tsv = tmp_path / "probe.tsv"
+    probed = pretrain(tiny_shards(tmp_path / "b", shard_root, *over, "train.probe_every=2"), progress=False,
+                      probe_path=probe_tsv)
+    # probing reads the encoder in eval mode and restores it and the RNG: the run trains identically
+    a, b = (torch.load(r.checkpoint, weights_only=True)["model"] for r in (plain, probed))
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+    rows = list(csv.DictReader(open(probe_tsv), delimiter="\t"))
+    assert [(int(r["step"]), r["modality"]) for r in rows] == [(s, m) for s in (0, 2, 4) for m in ("image", "text")]
+    assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in rows)
+    secs = [float(r["train_seconds"]) for r in rows if r["modality"] == "image"]
+    assert secs[0] < secs[1] < secs[2] <= probed.train_seconds + 1e-6  # training time, probes excluded
+
+
+def test_probe_of_a_modality_without_labels_is_a_clear_error(tmp_path, shard_root):  # noqa: F811
+    cfg = tiny_shards(tmp_path, shard_root, "train.modalities=[image]", "train.max_steps=2", "train.probe_every=1",
+                      "data.root=" + str(tmp_path / "nowhere"))
+    with pytest.raises(InputError, match=r"train.probe_every=1: cannot probe image"):
+        pretrain(cfg, progress=False)
+
+
+def test_the_new_train_keys_are_in_params_yaml_so_dvc_overrides_need_no_plus():
+    """`dvc exp run -S train.objective=mae` needs the key in params.yaml (DVC's Hydra refuses a new key)."""
+    import yaml
+
+    from d2v.config import PROJECT_ROOT
+
+    train = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())["train"]
+    assert {"objective", "keep_every", "max_minutes", "probe_every", "probe_train", "probe_val"} <= set(train)
+    cfg = load_config(["train.objective=mae", "train.modalities=[image]"], config_name="pipeline")
+    assert cfg.validate().train.objective == "mae"
