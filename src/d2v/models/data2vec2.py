@@ -125,6 +125,10 @@ def compute_var(y: torch.Tensor) -> torch.Tensor:
 
 
 class Data2Vec2(nn.Module):
+    # Set by ``d2v.train.compile.compile_model``: a callable ``core(model, *args)`` that runs
+    # ``_step`` compiled. Not part of the state: copies and pickles run eager (``__getstate__``).
+    _compiled_core = None
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         cfg.validate()
@@ -178,6 +182,11 @@ class Data2Vec2(nn.Module):
         super().train(mode)
         self.teacher.eval()  # the teacher never uses dropout or layerdrop
         return self
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_compiled_core", None)  # a compiled function: neither copied nor pickled
+        return state
 
     def _apply(self, fn, *args, **kwargs):  # .to()/.cuda() may swap tensors: re-pair lazily
         self._ema = None
@@ -310,6 +319,42 @@ class Data2Vec2(nn.Module):
         ``mask``: optional ``(B*M, T)`` (True/1 = masked, rows sample-major, same count per row);
         drawn here when None. ``mask_noise``: optional ``(B*M, T-K, D)`` values for the decoder's
         masked positions (default N(0, mask_noise_std²)), for exact comparisons.
+
+        Two parts: :meth:`_prelude` (eager: input checks, the mask, anything that reads values on
+        the host) and :meth:`_step` (tensor work only: local features, student, decoder, teacher
+        targets, loss, variances), which ``train.compile`` compiles as one graph
+        (:mod:`d2v.train.compile`).
+        """
+        modality, mask, n_masked, padding_mask = self._prelude(source, modality, mask, padding_mask, mask_noise)
+        core = self._compiled_core
+        keep = None  # eager: layerdrop is drawn inside the student's run_blocks, as always
+        if core is not None:
+            keep = self._layerdrop_keep()
+            if (keep is not None and not all(keep)) or not self._compilable(modality):
+                core = None  # this step skips a block (or uses prenet layerdrop): eager, see d2v.train.compile
+        if core is None:
+            res = self._step(modality, source, mask, n_masked, padding_mask, mask_noise, keep)
+        else:
+            res = core(self, modality, source, mask, n_masked, padding_mask, mask_noise, keep)
+        loss, pred, target, sample_size, loss_sum, terms, target_var, pred_var = res
+        return Data2VecOutput(
+            loss=loss, pred=pred, target=target, mask=mask, sample_size=sample_size,
+            loss_sum=loss_sum, loss_terms=terms, target_var=target_var, pred_var=pred_var,
+        )
+
+    def _prelude(
+        self,
+        source: torch.Tensor,
+        modality: str | None,
+        mask: torch.Tensor | None,
+        padding_mask: torch.Tensor | None,
+        mask_noise: torch.Tensor | None,
+    ) -> tuple[str, torch.Tensor, int, torch.Tensor | None]:
+        """The eager part of :meth:`forward`: checks, the token padding mask, the mask and its count.
+
+        Everything that needs a value on the host (``int()``, ``.any()``, a Python branch on data)
+        is here, so that :meth:`_step` has none. Returns ``(modality, mask, n_masked, padding_mask)``
+        with ``mask`` a bool tensor on ``source``'s device.
         """
         modality = self._modality(modality)
         enc = self.encoder(modality)
@@ -336,6 +381,47 @@ class Data2Vec2(nn.Module):
             # Checked where it was made (the loader's CPU: no device sync), then moved.
             mask, n_masked = self._check_mask(mask, B * M, T)
             mask = mask.to(source.device, non_blocking=True)
+        if mask_noise is not None and tuple(mask_noise.shape) != (B * M, n_masked, d):
+            raise InputError(f"mask_noise must have shape {(B * M, n_masked, d)}, got {tuple(mask_noise.shape)}")
+        return modality, mask, n_masked, padding_mask
+
+    def _layerdrop_keep(self) -> tuple[bool, ...] | None:
+        """The student blocks' layerdrop decisions for one step (as ``run_blocks`` draws them), or
+        None when layerdrop does not apply (0, or eval mode). For the compiled step only: drawn
+        before the step, they are Python constants to the graph instead of a ``.tolist()`` in it."""
+        p = self.cfg.layerdrop
+        if p > 0 and len(self.blocks) and self.blocks[0].training:
+            return tuple(bool(k) for k in (torch.rand(len(self.blocks)) > p).tolist())
+        return None
+
+    def _compilable(self, modality: str) -> bool:
+        """False when the step of ``modality`` would draw layerdrop inside the graph (prenet layerdrop
+        in training mode; no released config uses it with prenet blocks)."""
+        ctx_enc = self.modality_encoders[modality].context_encoder
+        return not (ctx_enc.layerdrop > 0 and len(ctx_enc.blocks) and ctx_enc.training)
+
+    def _step(
+        self,
+        modality: str,
+        source: torch.Tensor,
+        mask: torch.Tensor,
+        n_masked: int,
+        padding_mask: torch.Tensor | None,
+        mask_noise: torch.Tensor | None,
+        keep: tuple[bool, ...] | None = None,
+    ) -> tuple:
+        """The tensor work of :meth:`forward` on checked inputs (see :meth:`_prelude`): no host reads,
+        no branch on data, so ``torch.compile`` traces it as one graph (shapes are static: every
+        mask row masks ``n_masked`` tokens). ``keep``: the student blocks' layerdrop decisions
+        (None: drawn here when layerdrop applies, the eager behaviour).
+
+        Returns ``(loss, pred, target, sample_size, loss_sum, loss_terms, target_var, pred_var)``.
+        """
+        enc = self.modality_encoders[modality]
+        B = source.shape[0]
+        M = self.cfg.clone_batch
+        d = self.cfg.embed_dim
+        T = mask.shape[1]
 
         local = enc.local_features(source)  # (B, T, D)
         n_keep = T - n_masked
@@ -346,13 +432,14 @@ class Data2Vec2(nn.Module):
         # ---- student: visible tokens only
         ctx = enc.contextualize(local, M, mask, keep_idx, padding_mask)
         x = self.dropout_input(ctx.x)
-        x, _ = run_blocks(self.blocks, x, ctx.bias, self.cfg.layerdrop)
+        if keep is None:
+            x, _ = run_blocks(self.blocks, x, ctx.bias, self.cfg.layerdrop)
+        else:  # decisions drawn before the step (compiled); the same draw run_blocks makes
+            x, _ = run_blocks([b for b, k in zip(self.blocks, keep) if k], x, ctx.bias)
 
         # ---- decoder on the full length: encoder output back in place, noise at masked tokens
         e = enc.num_extra_tokens
         visible = F.dropout(x[:, e:], enc.mcfg.decoder.input_dropout, self.training)
-        if mask_noise is not None and tuple(mask_noise.shape) != (B * M, n_masked, d):
-            raise InputError(f"mask_noise must have shape {(B * M, n_masked, d)}, got {tuple(mask_noise.shape)}")
         if mask_noise is None:
             std = enc.mcfg.mask_noise_std
             mask_noise = visible.new_empty(B * M, n_masked, d)
@@ -389,10 +476,7 @@ class Data2Vec2(nn.Module):
         with torch.no_grad():
             target_var = compute_var(target)
             pred_var = compute_var(pred.detach())
-        return Data2VecOutput(
-            loss=loss, pred=pred, target=target, mask=mask, sample_size=sample_size,
-            loss_sum=loss_sum, loss_terms=terms, target_var=target_var, pred_var=pred_var,
-        )
+        return loss, pred, target, sample_size, loss_sum, terms, target_var, pred_var
 
     # ------------------------------------------------------------------ guard & features
     def check_collapse(self, out: Data2VecOutput, step: int) -> None:
