@@ -62,3 +62,25 @@ def test_time_to_accuracy_text_writes_json_and_plot(tmp_path):
     head = rep["headline_vs_bert"]
     assert head == rep["headline"] and head["baseline"] == "bert" and head["text"] and "ratio" in head
     assert png.stat().st_size > 1000 and "headline" in r.stdout
+
+
+def test_compile_speedup_benchmark_writes_json(tmp_path):
+    """Eager vs compiled on one modality, a few steps; the dynamo-only ``eager`` backend keeps it quick."""
+    out = tmp_path / "cs.json"
+    r = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "benchmarks/compile_speedup.py"), "experiment=tiny", "data=sample",
+         "--cases", "tiny,d128", "--modalities", "image", "--batch-size", "2", "--steps", "2", "--warmup", "1",
+         "--backend", "eager", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    assert [(x["case"], x["modality"]) for x in rep["results"]] == [("tiny", "image"), ("d128", "image")]
+    assert [x["embed_dim"] for x in rep["results"]] == [64, 128]
+    for x in rep["results"]:
+        assert x["compiled"]["compiled"] and x["compiled"]["fallback"] is None
+        for mode in ("eager", "compiled"):
+            assert 0 < x[mode]["median_step_s"] <= x[mode]["wall_s"] and x[mode]["first_step_s"] > 0
+        assert x["speedup"] > 0 and x["compile_s"] >= 0 and x["wall_ratio"] > 0
+    assert rep["machine"]["cpu"] and rep["date"] and "compile_speedup.py" in rep["command"] and rep["seed"] is not None
+    assert "break-even" in r.stdout  # the printed table
