@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -84,3 +85,48 @@ def test_compile_speedup_benchmark_writes_json(tmp_path):
         assert x["speedup"] > 0 and x["compile_s"] >= 0 and x["wall_ratio"] > 0
     assert rep["machine"]["cpu"] and rep["date"] and "compile_speedup.py" in rep["command"] and rep["seed"] is not None
     assert "break-even" in r.stdout  # the printed table
+
+
+def test_gpu_benchmark_smoke_writes_json(tmp_path):
+    """``benchmarks/gpu.py --smoke``: the tiny config on the CPU, the GPU run's JSON schema with the
+    GPU-only fields null (its numbers are not tested)."""
+    out = tmp_path / "gpu.json"
+    r = subprocess.run([sys.executable, str(PROJECT_ROOT / "benchmarks/gpu.py"), "--smoke", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT,
+                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert rep["smoke"] is True and rep["status"] == "done" and rep["date"] and "gpu.py" in rep["command"]
+    assert rep["formulas"]["flops_per_sample"] == (
+        "flops_per_sample = FlopCounterMode total of one fwd+bwd step / batch_size")
+    assert "45% MFU" in rep["goal"]["text"] and rep["peak_tflops_bf16"] is None
+    assert [x["modality"] for x in rep["results"]] == ["image", "speech", "text"]
+    for x in rep["results"]:
+        assert x["flops_per_step"] > 0 and x["flops_per_sample"] == x["flops_per_step"] / x["batch"]
+        assert x["flops_formula"] == rep["formulas"]["flops_per_sample"]
+        assert 0 < x["visible_per_clone"] < x["tokens_per_sample"] and x["clones"] >= 1
+        e = x["runs"]["eager"]
+        assert e["status"] == "ok" and e["timed_steps"] >= 1
+        for k in ("median_step_s", "samples_per_s", "copies_per_s", "wall_samples_per_s", "achieved_tflops"):
+            assert e[k] > 0, k
+        assert e["copies_per_s"] == pytest.approx(e["samples_per_s"] * x["clones"])
+        assert e["mfu"] is None and e["peak_mem_gb"] is None  # GPU-only
+        assert x["runs"]["compiled"]["status"].startswith("skipped")
+        assert x["host_syncs"] is None
+        lp = x["loss_bf16_vs_fp32"]
+        assert lp["loss_fp32"] > 0 and lp["rel_diff"] >= 0
+        sd = x["sdpa"]
+        assert sd["ran"] and sd["available"] and all(row["math"] == "ok" for row in sd["available"])
+    assert rep["ddp"]["status"].startswith("skipped")
+    assert "median s" in r.stdout and "MFU" in r.stdout  # the printed table
+
+
+def test_gpu_benchmark_without_cuda_says_so():
+    """The plain command on a machine without CUDA: exit 2 and one clear line pointing at --smoke
+    (CUDA is hidden from the child, so this runs on GPU machines too)."""
+    r = subprocess.run([sys.executable, str(PROJECT_ROOT / "benchmarks/gpu.py"), "--out", "/dev/null"],
+                       capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT,
+                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs a CUDA device" in lines[0] and "--smoke" in lines[0]
