@@ -15,7 +15,7 @@ The same tiny model (shared encoder code, ``d2v.models.baselines``), the same se
 in-memory training rows and batch size; each objective pretrains for ``--budget`` seconds of
 wall-clock *training* time, one after another in one process. Every ``--probe-every`` training
 seconds (and at 0 and at the end) the clock is paused and the frozen, mean-pooled last-block
-features are scored by a linear probe (``d2v.train.evaluate.linear_probe``: standardised logistic
+features are scored by a linear probe (``d2v.train.probe.linear_probe``: standardised logistic
 regression; ``--probe-train`` train / ``--probe-test`` test samples).
 
 Headline: the baseline's (MAE's / BERT's) time to reach its best probe accuracy divided by
@@ -54,7 +54,8 @@ from d2v.data.tokenizer import BOS, PAD  # noqa: E402
 from d2v.errors import InputError  # noqa: E402
 from d2v.models.baselines import OBJECTIVES, backbone_of, objective  # noqa: E402
 from d2v.models.heads import Classifier  # noqa: E402
-from d2v.train.evaluate import extract, linear_probe  # noqa: E402
+from d2v.train.evaluate import extract  # noqa: E402
+from d2v.train.probe import linear_probe  # noqa: E402
 
 IMAGE_ONLY = ["model.speech=null", "model.text=null", "train.modalities=[image]"]
 TEXT_ONLY = ["model.image=null", "model.speech=null", "train.modalities=[text]"]

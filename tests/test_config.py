@@ -196,7 +196,8 @@ def test_a_bare_pretrain_writes_under_runs_and_the_stage_writes_the_dvc_outputs(
     monkeypatch.chdir(tmp_path)
     assert main(["train.max_steps=1", "train.modalities=[image]", "train.track=false", "train.batch_size=4",
                  "data.num_samples=8", "--no-progress"]) == 0
-    assert {p.name for p in (tmp_path / "runs/pretrain").iterdir()} >= {"checkpoint.pt", "metrics.json", "loss.tsv"}
+    assert {p.name for p in (tmp_path / "runs/pretrain").iterdir()} >= {"checkpoint.pt", "metrics.json", "loss.tsv",
+                                                                        "probe.tsv"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
 
 

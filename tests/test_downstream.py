@@ -24,7 +24,8 @@ from d2v.models import Data2Vec2
 from d2v.models.classifier_dir import load_classifier, save_classifier
 from d2v.models.heads import Classifier
 from d2v.train import finetune as ft
-from d2v.train.evaluate import evaluate_task, linear_probe
+from d2v.train.evaluate import evaluate_task
+from d2v.train.probe import linear_probe
 
 SPLITS = {"train": 120, "val": 40, "test": 40}
 

@@ -31,14 +31,17 @@ from d2v.cli.common import add_config_args, config_from_args, run_cli
 # stage runs it, or these flags), so a quick run from the project root leaves the pipeline's alone.
 STAGE_METRICS = Path("reports/metrics/pretrain.json")
 STAGE_HISTORY = Path("reports/plots/pretrain_loss.tsv")
+STAGE_PROBE = Path("reports/plots/pretrain_probe.tsv")
 
 
-def report_paths(cfg, from_params: bool, metrics: Path | None, history: Path | None) -> tuple[Path, Path]:
-    """Where the metrics JSON and loss TSV go: the flags; else, for ``--params`` (the DVC stage), the
-    stage's outputs; else next to the checkpoint in ``train.out_dir``."""
+def report_paths(cfg, from_params: bool, metrics: Path | None, history: Path | None) -> tuple[Path, Path, Path]:
+    """Where the metrics JSON, loss TSV and probe TSV go: the flags; else, for ``--params`` (the DVC
+    stage), the stage's outputs; else next to the checkpoint in ``train.out_dir``."""
     out = Path(cfg.train.out_dir)
-    default_m, default_h = (STAGE_METRICS, STAGE_HISTORY) if from_params else (out / "metrics.json", out / "loss.tsv")
-    return metrics or default_m, history or default_h
+    if from_params:
+        return metrics or STAGE_METRICS, history or STAGE_HISTORY, STAGE_PROBE
+    h = history or out / "loss.tsv"
+    return metrics or out / "metrics.json", h, h.with_name("probe.tsv")
 
 
 def main(argv: list[str]) -> int:
@@ -60,8 +63,7 @@ def main(argv: list[str]) -> int:
         from d2v.train.pretrain import pretrain
 
         cfg = config_from_args(ns)
-        metrics, history = report_paths(cfg, ns.params is not None, ns.metrics, ns.history)
-        probe = history.with_name(history.name.replace("loss", "probe"))  # pretrain_probe.tsv / probe.tsv
+        metrics, history, probe = report_paths(cfg, ns.params is not None, ns.metrics, ns.history)
         res = pretrain(cfg, resume=ns.resume_from or ns.resume, progress=not ns.no_progress, metrics_path=metrics,
                        history_path=history, probe_path=probe)
         if os.environ.get("RANK", "0") == "0":  # once under torchrun (rank 0)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -114,3 +115,23 @@ def _transcript(sample: dict, key: str) -> str:
         return str((meta if isinstance(meta, dict) else json.loads(meta))["label"])
     except (KeyError, ValueError, TypeError) as e:
         raise InputError(f"{key}: shard sample has no readable JSON 'label' for its transcript ({e})") from e
+
+
+def load_task_data(cfg: Any, task: str, split: str, max_n: int) -> LabelledSplit:
+    """The labelled ``split`` of ``task`` decoded for ``cfg.model`` (sizes, sample rate, text length)."""
+    tc = getattr(cfg.finetune, task)
+    m = cfg.model
+    kw: dict[str, Any] = {}
+    if task == "image":
+        if m.image is None:
+            raise InputError("model.image is not configured: cannot run the image task")
+        kw = {"image_size": m.image.input_size, "in_chans": m.image.in_chans}
+    elif task == "speech":
+        if m.speech is None:
+            raise InputError("model.speech is not configured: cannot run the speech task")
+        kw = {"sample_rate": m.speech.sample_rate, "audio_seconds": tc.audio_seconds}
+    else:
+        if m.text is None:
+            raise InputError("model.text is not configured: cannot run the text task")
+        kw = {"text_length": min(tc.text_length, m.text.max_source_positions)}
+    return load_split(cfg.data.root, task, split, max_n, **kw)

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from d2v.config import Config, to_dict
-from d2v.data.downstream import LabelledSplit
-from d2v.errors import InputError
+from d2v.data.downstream import LabelledSplit, load_task_data
 from d2v.models.classifier_dir import load_classifier
 from d2v.models.heads import Classifier
-from d2v.train.finetune import load_backbone, load_task_data, task_setup
+from d2v.train.finetune import load_backbone, task_setup
+from d2v.train.probe import linear_probe
 
 
 @torch.no_grad()
@@ -39,20 +39,6 @@ def extract(clf: Classifier, data: LabelledSplit, batch_size: int, device: torch
         lengths = data.lengths[i : i + batch_size] if data.lengths is not None else None
         out.append(clf.features(src, lengths).float().cpu().numpy())
     return np.concatenate(out).astype(np.float64)
-
-
-def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-                 c: float = 1.0) -> float:
-    """Accuracy of a standardised multinomial logistic regression (lbfgs) trained on frozen features."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    if len(np.unique(y_train)) < 2:
-        raise InputError("linear probe: the training subset holds a single class")
-    clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
-    clf.fit(x_train, y_train)
-    return float((clf.predict(x_test) == y_test).mean())
 
 
 def confusion(pred: torch.Tensor, label: torch.Tensor, n: int) -> np.ndarray:

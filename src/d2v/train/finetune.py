@@ -27,9 +27,8 @@ import torch
 from tqdm import tqdm
 
 from d2v.config import Config, TaskConfig, to_dict
-from d2v.data.downstream import LabelledSplit, label_names, load_split
+from d2v.data.downstream import LabelledSplit, label_names, load_task_data
 from d2v.device import pick_device
-from d2v.errors import InputError
 from d2v.models import Data2Vec2
 from d2v.models.classifier_dir import save_classifier
 from d2v.models.config import ModelConfig
@@ -104,25 +103,6 @@ def train_classifier(clf: Classifier, train: LabelledSplit, tc: TaskConfig, seed
 def make_model(backbone: Data2Vec2, task: str, tc: TaskConfig, num_classes: int) -> Classifier:
     """The fine-tuning model of ``task``: the head ``tc.head`` names (``d2v.models.heads.HEADS``)."""
     return make_head(tc.head, backbone, task, num_classes, freeze_local=tc.freeze_local, pool_norm=tc.pool_norm)
-
-
-def load_task_data(cfg: Config, task: str, split: str, max_n: int) -> LabelledSplit:
-    tc: TaskConfig = getattr(cfg.finetune, task)
-    m = cfg.model
-    kw: dict[str, Any] = {}
-    if task == "image":
-        if m.image is None:
-            raise InputError("model.image is not configured: cannot run the image task")
-        kw = {"image_size": m.image.input_size, "in_chans": m.image.in_chans}
-    elif task == "speech":
-        if m.speech is None:
-            raise InputError("model.speech is not configured: cannot run the speech task")
-        kw = {"sample_rate": m.speech.sample_rate, "audio_seconds": tc.audio_seconds}
-    else:
-        if m.text is None:
-            raise InputError("model.text is not configured: cannot run the text task")
-        kw = {"text_length": min(tc.text_length, m.text.max_source_positions)}
-    return load_split(cfg.data.root, task, split, max_n, **kw)
 
 
 def task_setup(cfg: Config, task: str) -> tuple[Any, TaskConfig, torch.device]:

@@ -17,9 +17,23 @@ import numpy as np
 import torch
 
 from d2v.config import Config
-from d2v.data.downstream import LabelledSplit
+from d2v.data.downstream import LabelledSplit, load_task_data
 from d2v.errors import InputError
 from d2v.models import Data2Vec2
+
+
+def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+                 c: float = 1.0) -> float:
+    """Accuracy of a standardised multinomial logistic regression (lbfgs) trained on frozen features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if len(np.unique(y_train)) < 2:
+        raise InputError("linear probe: the training subset holds a single class")
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
+    clf.fit(x_train, y_train)
+    return float((clf.predict(x_test) == y_test).mean())
 
 
 class OnlineProbe:
@@ -27,8 +41,6 @@ class OnlineProbe:
     ``load_seconds`` the one-off decoding of the probe sets."""
 
     def __init__(self, cfg: Config, device: torch.device, batch_size: int = 128):
-        from d2v.train.finetune import load_task_data
-
         t = cfg.train
         self.cfg, self.device, self.batch_size = cfg, device, batch_size
         self.splits: dict[str, tuple[LabelledSplit, LabelledSplit]] = {}
@@ -50,8 +62,6 @@ class OnlineProbe:
 
     @torch.no_grad()
     def __call__(self, backbone: Data2Vec2) -> dict[str, float]:
-        from d2v.train.evaluate import linear_probe
-
         t0 = time.perf_counter()
         was_training = backbone.training
         backbone.eval()
@@ -65,6 +75,7 @@ class OnlineProbe:
         self.seconds += time.perf_counter() - t0
         return out
 
+    @torch.no_grad()
     def pooled(self, backbone: Data2Vec2, modality: str, data: LabelledSplit) -> np.ndarray:
         """Mean over the real (unpadded) tokens of the last block's output, (N, D) float64."""
         enc = backbone.encoder(modality)
