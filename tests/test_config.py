@@ -42,9 +42,11 @@ def test_params_yaml_is_the_pipeline_composition(tmp_path):
     compose_and_dump(out, str(PROJECT_ROOT / "conf"), None, "pipeline", str(PROJECT_ROOT), [])
     assert on_disk == yaml.safe_load(out.read_text()), stale
     assert to_dict(from_dict(on_disk)) == to_dict(load_config([], config_name="pipeline"))
-    # the same experiment, by name; only where it writes differs (conf/config.yaml: runs/, never the DVC outputs)
+    # the same experiment, by name; only where it writes differs (conf/config.yaml: runs/, never the DVC
+    # outputs), and the pipeline's online probe (conf/pipeline.yaml)
     pipeline_paths = ["train.out_dir=models/pretrain", "finetune.init=models/pretrain/checkpoint.pt",
-                      "finetune.out_dir=models/finetune"]
+                      "finetune.out_dir=models/finetune", "train.probe_every=300", "train.probe_train=300",
+                      "train.probe_val=200"]
     assert to_dict(from_dict(on_disk)) == to_dict(load_config(["experiment=tiny", *pipeline_paths]))
 
 

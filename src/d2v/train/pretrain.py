@@ -224,8 +224,8 @@ def _pretrain(cfg: Config, info: DistInfo, resume, progress: bool, metrics_path,
             result.probes.append({"step": step, "train_seconds": round(secs, 3), "modality": m, "accuracy": acc})
         if tracker is not None:
             tracker.log({f"probe/{m}": acc for m, acc in accs.items()} | {"train_seconds": secs}, step)
-        print(f"probe at step {step} ({secs:.0f} s of training): "
-              + ", ".join(f"{m} {a:.3f}" for m, a in accs.items()), flush=True)
+        print(f"probe at step {step} ({secs:.0f} s of training, {probe.seconds + probe.load_seconds:.0f} s of "
+              f"probing so far): " + ", ".join(f"{m} {a:.3f}" for m, a in accs.items()), flush=True)
 
     # ------------------------------------------------------------------ the loop
     times: dict[str, list[float]] = {m: [] for m in t.modalities}
