@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import json
 import statistics
 import sys
 import time
@@ -127,21 +128,23 @@ def main(argv: list[str] | None = None) -> int:
     if not ns.warm_cache:
         torch.compiler.config.force_disable_caches = True
     device = torch.device(ns.device)
-    t_all = time.perf_counter()
-    rows = []
     for name in ns.cases.split(","):
         if name not in CASES:
             p.error(f"unknown case {name!r}; expected {', '.join(CASES)}")
-        rows += bench_case(name, base + CASES[name], ns, device)
-
+    t_all = time.perf_counter()
     report = {
         "command": "python benchmarks/compile_speedup.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "device": str(device)},
         "torch": torch.__version__, "backend": ns.backend, "warm_cache": ns.warm_cache, "overrides": base,
-        "seed": load_config(base).seed, "steps": ns.steps, "warmup": ns.warmup, "total_s": time.perf_counter() - t_all,
-        "results": rows,
+        "seed": load_config(base).seed, "steps": ns.steps, "warmup": ns.warmup, "total_s": 0.0, "results": [],
     }
+    for name in ns.cases.split(","):
+        report["results"] += bench_case(name, base + CASES[name], ns, device)
+        report["total_s"] = time.perf_counter() - t_all
+        ns.out.parent.mkdir(parents=True, exist_ok=True)
+        ns.out.write_text(json.dumps(report, indent=2))  # what is measured so far, should a later case fail
+    rows = report["results"]
     print(f"{' '.join(base)} on {report['machine']['cpu']} ({report['machine']['threads']} threads, {device}, "
           f"{ns.backend}, {ns.warmup}+{ns.steps} steps)")
     print(f"{'case':<6} {'modality':<8} {'D':>4} {'eager s':>8} {'compiled s':>10} {'speed-up':>8} {'compile s':>9} "
