@@ -126,9 +126,14 @@ def atomic_dir(out_dir: Path) -> Iterator[Path]:
     on failure it is deleted and ``out_dir`` is left as it was."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
         yield tmp
+        for f in tmp.iterdir():  # on disk before the folder is swapped in
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         old = None
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")

@@ -34,7 +34,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ from typing import Any
 import torch
 
 from d2v.errors import ConfigError, InputError
-from d2v.io import save_torch, torch_load_checked
+from d2v.io import atomic_dir, save_torch, torch_load_checked
 
 from .config import ModelConfig
 
@@ -145,10 +144,7 @@ def save_model_dir(model: torch.nn.Module, out_dir: str | Path, *, tokenizer: To
     if not hasattr(model, "cfg") or not isinstance(model.cfg, ModelConfig):
         raise TypeError(f"save_model_dir needs a Data2Vec2 model, got {type(model).__name__}")
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+    with atomic_dir(out_dir) as tmp:
         sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         try:
             save_torch(sd, tmp / WEIGHTS_FILE)
@@ -165,19 +161,6 @@ def save_model_dir(model: torch.nn.Module, out_dir: str | Path, *, tokenizer: To
         if extra:
             cfg["extra"] = extra
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, default=str) + "\n")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = None
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
