@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import cpu_name, write_report  # noqa: E402
+from step_time import cpu_name, timed_step, write_report  # noqa: E402
 
 from d2v.config import load_config  # noqa: E402
 from d2v.data.sample import SampleData  # noqa: E402
@@ -43,20 +43,7 @@ CASES = {
 
 
 def run(model: Data2Vec2, opt: torch.optim.Optimizer, batches: list, modality: str, device: torch.device) -> list[float]:
-    times = []
-    for step, (src, mask) in enumerate(batches):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = model(src, modality, mask=mask)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        model.update_teacher(step + 1)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return times
+    return [timed_step(model, opt, src, modality, mask, step) for step, (src, mask) in enumerate(batches)]
 
 
 def bench_case(name: str, overrides: list[str], ns: argparse.Namespace, device: torch.device) -> list[dict]:

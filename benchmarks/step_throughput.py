@@ -23,13 +23,12 @@ import datetime as dt
 import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import cpu_name, write_report  # noqa: E402
+from step_time import cpu_name, timed_step, write_report  # noqa: E402
 
 from d2v.config import load_config  # noqa: E402
 from d2v.data.sample import SampleData  # noqa: E402
@@ -69,14 +68,9 @@ def time_steps(model, opt, data, modality: str, batch: int, clones: int, steps: 
     for step in range(warmup + steps):
         src = data.batch(modality, step, batch)
         mask = enc.make_mask(batch * clones, enc.num_tokens(tuple(src.shape)), torch.device("cpu"))
-        t0 = time.perf_counter()
-        out = model(src, modality, mask=mask)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        model.update_teacher(step + 1)
+        dt_s = timed_step(model, opt, src, modality, mask, step)
         if step >= warmup:
-            times.append(time.perf_counter() - t0)
+            times.append(dt_s)
     return times
 
 

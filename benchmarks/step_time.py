@@ -38,6 +38,25 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def timed_step(model, opt, src: torch.Tensor, modality: str, mask: torch.Tensor, step: int,
+               bf16: bool = False) -> float:
+    """Seconds of one pretraining step (forward, backward, AdamW, EMA update), synchronised on CUDA:
+    the one timed step the benchmark scripts share."""
+    cuda = src.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.autocast(src.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = model(src, modality, mask=mask)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    model.update_teacher(step + 1)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def write_report(report: dict, out: Path) -> None:
     """The benchmark's JSON report (machine, date, command, results) to ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -74,19 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             src = data.batch(m, step, bs)
             mask = enc.make_mask(bs * cfg.model.clone_batch, enc.num_tokens(tuple(src.shape)), torch.device("cpu"))
             src, mask = src.to(device), mask.to(device)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = model(src, m, mask=mask)
-            out.loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            model.update_teacher(step + 1)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            dt_s = timed_step(model, opt, src, m, mask, step, bf16)
             if step >= ns.warmup:
-                times.append(time.perf_counter() - t0)
+                times.append(dt_s)
         med = statistics.median(times)
         tokens = enc.num_tokens(tuple(src.shape))
         rows.append({
