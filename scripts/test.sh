@@ -2,10 +2,12 @@
 # Set up (once) and run the test suite.
 #   bash scripts/test.sh           the CI run (.ci/run): every test except those marked `full` (slower
 #                                  duplicates of what quicker tests cover, see pyproject.toml); the
-#                                  end-to-end pipeline (tests/test_pipeline.py, the real `dvc repro`)
+#                                  end-to-end pipeline (tests/test_pipeline.py, the real `dvc repro`,
+#                                  with the smaller budgets of conf/experiment/smoke.yaml)
 #                                  runs in a second pytest process alongside the rest, one torch thread
 #                                  each, and its log is printed after the rest's.
-#   bash scripts/test.sh --full    the same, `full` tests included (the opt-in full run).
+#   bash scripts/test.sh --full    the same, `full` tests included, and the end-to-end pipeline at the
+#                                  default budgets instead of experiment=smoke (the opt-in full run).
 #   bash scripts/test.sh ARGS...   plain `pytest ARGS` in one process (no marker filter added), e.g.
 #                                  -m "not slow", -m "not full", tests/test_model.py
 set -euo pipefail
@@ -17,6 +19,7 @@ select=(-m "not full")
 if [ "${1:-}" = "--full" ]; then
   shift
   select=()
+  export D2V_E2E_SMOKE="${D2V_E2E_SMOKE:-0}"  # the end-to-end test at the pipeline's own budgets
 fi
 if [ $# -gt 0 ]; then
   exec python -m pytest "$@"
@@ -32,7 +35,7 @@ export D2V_TEST_THREADS="${D2V_TEST_THREADS:-$OMP_NUM_THREADS}"  # conftest's to
 
 tmp="$(mktemp -d "${TMPDIR:-/tmp}/d2v-tests.XXXXXX")"
 e2e_log="$tmp/test_pipeline.log"
-echo "test: tests/test_pipeline.py (end-to-end dvc repro, ~15 min) runs alongside; its log: $e2e_log"
+echo "test: tests/test_pipeline.py (end-to-end dvc repro, experiment=smoke, ~11 min) runs alongside; its log: $e2e_log"
 python -m pytest "${select[@]}" --basetemp "$tmp/e2e" tests/test_pipeline.py >"$e2e_log" 2>&1 &
 e2e_pid=$!
 trap 'kill "$e2e_pid" 2>/dev/null || true' INT TERM

