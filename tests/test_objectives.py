@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 
+import numpy as np
 import pytest
 import torch
 from test_pretrain import shard_root, tiny, tiny_shards  # noqa: F401 - shard_root is a fixture
@@ -90,6 +91,35 @@ def test_online_probe_logs_curves_without_changing_training(tmp_path, shard_root
     assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in rows)
     secs = [float(r["train_seconds"]) for r in rows if r["modality"] == "image"]
     assert secs[0] < secs[1] < secs[2] <= probed.train_seconds + 1e-6  # training time, probes excluded
+
+
+def test_the_probe_keeps_the_frozen_speech_cnn_output_only_while_its_weights_stay(tmp_path, shard_root):  # noqa: F811
+    from d2v.data.downstream import load_task_data
+    from d2v.models import Data2Vec2
+    from d2v.train.probe import OnlineProbe
+
+    cfg = tiny_shards(tmp_path, shard_root, "train.probe_every=1", "train.probe_train=10", "train.probe_val=10")
+    assert cfg.model.speech.local_grad_mult == 0.0  # the tiny model's CNN is frozen in pretraining
+    probe = OnlineProbe(tiny_shards(tmp_path, shard_root, "train.modalities=[image]", "train.probe_every=1",
+                                    "train.probe_train=10", "train.probe_val=10"), torch.device("cpu"), batch_size=4)
+    train = load_task_data(cfg, "speech", "train", 10)  # one class only in these shards: no probe fit here
+    model = Data2Vec2(cfg.model).eval()
+    enc = model.encoder("speech")
+    calls = []
+    enc.local_encoder.register_forward_hook(lambda *a: calls.append(1))
+    batches = -(-len(train) // 4)
+    first = probe.pooled(model, "speech", train)
+    assert len(calls) == batches
+    again = probe.pooled(model, "speech", train)
+    assert len(calls) == batches and np.array_equal(first, again)  # reused, same features
+    enc.mcfg.local_grad_mult = 1.0  # a trained CNN: nothing is kept, the features are computed afresh
+    fresh = probe.pooled(model, "speech", train)
+    enc.mcfg.local_grad_mult = 0.0
+    assert len(calls) == 2 * batches and np.array_equal(first, fresh)
+    with torch.no_grad():
+        next(enc.local_encoder.parameters()).add_(0.05)  # the weights moved: the kept output is stale
+    moved = probe.pooled(model, "speech", train)
+    assert len(calls) == 3 * batches and not np.allclose(first, moved)
 
 
 def test_probe_of_a_modality_without_labels_is_a_clear_error(tmp_path, shard_root):  # noqa: F811

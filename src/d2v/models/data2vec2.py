@@ -88,17 +88,19 @@ def token_padding_mask(enc: ModalityEncoder, source: torch.Tensor,
 
 def encoder_features(enc: ModalityEncoder, blocks: nn.ModuleList, source: torch.Tensor,
                      padding_mask: torch.Tensor | None = None, layer: int = -1, layerdrop: float = 0.0,
-                     all_layers: bool = False) -> Features:
+                     all_layers: bool = False, local_out: torch.Tensor | None = None) -> Features:
     """Unmasked ``source`` through ``enc`` (local + context encoder) and ``blocks[:layer + 1]``.
 
     The body of ``Data2Vec2.features``, for modules that hold a model's encoder and blocks without
-    the rest (the fine-tuning heads). ``layerdrop`` applies in training mode only.
+    the rest (the fine-tuning heads). ``layerdrop`` applies in training mode only. ``local_out``:
+    ``enc.local_encoder(source)`` computed earlier with the same weights (the online probe keeps the
+    frozen speech CNN's output), so the local encoder is not run again.
     """
     if not isinstance(source, torch.Tensor):
         raise InputError(f"source must be a torch.Tensor, got {type(source).__name__}")
     enc.check_input(source)
     li = layer_index(layer, len(blocks))
-    local = enc.local_features(source)
+    local = enc.local_features(source) if local_out is None else enc.project_local(local_out)
     padding_mask = token_padding_mask(enc, source, padding_mask)
     ctx = enc.contextualize(local, padding_mask=padding_mask)
     run = blocks if li == len(blocks) - 1 else blocks[: li + 1]
@@ -499,18 +501,19 @@ class Data2Vec2(nn.Module):
                 f"step {step}: prediction variance {pv:.4g} < min_pred_var={self.cfg.min_pred_var} (student collapsed)"
             )
 
-    def features(self, source: torch.Tensor, modality: str | None = None,
-                 padding_mask: torch.Tensor | None = None, layer: int = -1, all_layers: bool = False) -> Features:
+    def features(self, source: torch.Tensor, modality: str | None = None, padding_mask: torch.Tensor | None = None,
+                 layer: int = -1, all_layers: bool = False, local_out: torch.Tensor | None = None) -> Features:
         """The student encoder's token features of unmasked ``source``: no mask, no decoder, no teacher.
 
         ``padding_mask``: optional (B, tokens), True = pad (text: derived from the pad id when None).
         ``layer``: the block whose output is ``x`` (0-based; negative counts from the end; -1 = the
         final output). ``all_layers``: also return every block's FFN output (``layer_results``).
+        ``local_out``: this modality's ``local_encoder(source)``, when the caller kept it (see ``encoder_features``).
         Gradients flow (wrap in ``torch.no_grad()`` for inference); layerdrop applies in training
         mode, as in ``forward``.
         """
         enc = self.encoder(self._modality(modality))
-        return encoder_features(enc, self.blocks, source, padding_mask, layer, self.cfg.layerdrop, all_layers)
+        return encoder_features(enc, self.blocks, source, padding_mask, layer, self.cfg.layerdrop, all_layers, local_out)
 
     @torch.no_grad()
     def extract_features(

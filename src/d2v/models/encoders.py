@@ -101,7 +101,12 @@ class ModalityEncoder(nn.Module):
         raise NotImplementedError
 
     def local_features(self, source: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The local encoder's features of ``source``, ``(B, T, D)``: ``project_local(local_encoder(source))``."""
+        return self.project_local(self._run_local(source))
+
+    def project_local(self, local_out: torch.Tensor) -> torch.Tensor:
+        """``local_encoder``'s raw output -> ``(B, T, D)`` (the identity but for speech)."""
+        return local_out
 
     def _run_local(self, source: torch.Tensor) -> torch.Tensor:
         """``local_encoder(source)`` with its gradient scaled by ``local_grad_mult`` (fairseq)."""
@@ -216,9 +221,6 @@ class ImageEncoder(ModalityEncoder):
         if source.ndim != 4 or tuple(source.shape[1:]) != want:
             raise InputError(f"image batch must have shape (B, {want[0]}, {want[1]}, {want[2]}), got {tuple(source.shape)}")
         _check_float(source, self.local_encoder.proj.weight.dtype, "image batch: a float tensor of normalised pixels")
-
-    def local_features(self, source: torch.Tensor) -> torch.Tensor:
-        return self._run_local(source)
 
     def contextualize(self, local, clones=1, mask=None, keep_idx=None, padding_mask=None) -> Contextualized:
         # Positions go on before cloning (same result, M times less work).
@@ -338,8 +340,8 @@ class SpeechEncoder(ModalityEncoder):
         if self.local_encoder.output_length(source.shape[1]) < 2:
             raise InputError(f"speech clip of {source.shape[1]} samples is too short for the feature extractor")
 
-    def local_features(self, source: torch.Tensor) -> torch.Tensor:
-        return self.project_features(self._run_local(source))
+    def project_local(self, local_out: torch.Tensor) -> torch.Tensor:
+        return self.project_features(local_out)  # (B, C, frames) -> LayerNorm, Linear -> (B, frames, D)
 
     def _positions(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         # Masked frames are zeroed before the conv positional net sees the full length (fairseq
@@ -409,9 +411,6 @@ class TextEncoder(ModalityEncoder):
             raise InputError(f"text length {source.shape[1]} exceeds max_source_positions={m.max_source_positions}")
         if source.numel() and (int(source.min()) < 0 or int(source.max()) >= m.vocab_size):
             raise InputError(f"token ids must be in [0, {m.vocab_size}), got range [{int(source.min())}, {int(source.max())}]")
-
-    def local_features(self, source: torch.Tensor) -> torch.Tensor:
-        return self._run_local(source)
 
     def padding_from_source(self, source: torch.Tensor) -> torch.Tensor | None:
         pad = source.eq(self.mcfg.pad_idx)  # type: ignore[attr-defined]

@@ -7,6 +7,10 @@ transforms and mean pooling over real tokens as ``d2v evaluate``'s probe); at a 
 mean-pooled last-block features are extracted in eval mode and scored by a standardised logistic
 regression (:func:`d2v.train.evaluate.linear_probe`). The model's mode and every RNG are restored,
 so a run with probes trains exactly as one without.
+
+A local encoder that pretraining keeps frozen (``local_grad_mult: 0``, the speech CNN of the tiny
+model) gives the same output at every probe: it is run once per probe set and kept, and reused only
+while its weights equal the snapshot taken then. The speech CNN was most of each probe's time.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ class OnlineProbe:
         t = cfg.train
         self.cfg, self.device, self.batch_size = cfg, device, batch_size
         self.splits: dict[str, tuple[LabelledSplit, LabelledSplit]] = {}
+        # (modality, id of the split) -> (the local encoder's weights, its output per batch)
+        self._local: dict[tuple[str, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self.seconds = 0.0
         t0 = time.perf_counter()
         for m in t.modalities:
@@ -79,8 +85,9 @@ class OnlineProbe:
     def pooled(self, backbone: Data2Vec2, modality: str, data: LabelledSplit) -> np.ndarray:
         """Mean over the real (unpadded) tokens of the last block's output, (N, D) float64."""
         enc = backbone.encoder(modality)
+        local = self.frozen_local_outputs(enc, modality, data)
         rows = []
-        for i in range(0, len(data), self.batch_size):
+        for b, i in enumerate(range(0, len(data), self.batch_size)):
             src = data.source[i : i + self.batch_size]
             pad = None
             if data.lengths is not None:  # speech: samples -> frames; text: tokens
@@ -89,10 +96,28 @@ class OnlineProbe:
                     n = torch.tensor([enc.local_encoder.output_length(int(k)) for k in n])
                 t = enc.num_tokens(tuple(src.shape))
                 pad = torch.arange(t).unsqueeze(0) >= n.unsqueeze(1)
-            f = backbone.features(src.to(self.device), modality, padding_mask=pad)
+            f = backbone.features(src.to(self.device), modality, padding_mask=pad,
+                                  local_out=None if local is None else local[b])
             if f.padding_mask is None:
                 rows.append(f.x.float().mean(1))
             else:
                 keep = (~f.padding_mask).unsqueeze(-1).float()
                 rows.append((f.x.float() * keep).sum(1) / keep.sum(1).clamp_min(1))
         return torch.cat(rows).cpu().numpy().astype(np.float64)
+
+    @torch.no_grad()
+    def frozen_local_outputs(self, enc, modality: str, data: LabelledSplit) -> list[torch.Tensor] | None:
+        """``enc.local_encoder`` of each batch of ``data``, kept while its weights stay as they were;
+        None when pretraining trains that local encoder (nothing to keep)."""
+        if enc.mcfg.local_grad_mult != 0.0:
+            return None
+        weights = [t.detach() for t in (*enc.local_encoder.parameters(), *enc.local_encoder.buffers())]
+        key = (modality, id(data))
+        kept = self._local.get(key)
+        if kept is not None and len(kept[0]) == len(weights) and all(
+                a.device == b.device and torch.equal(a, b) for a, b in zip(kept[0], weights)):
+            return kept[1]
+        outs = [enc.local_encoder(data.source[i : i + self.batch_size].to(self.device))
+                for i in range(0, len(data), self.batch_size)]
+        self._local[key] = ([w.clone() for w in weights], outs)
+        return outs
