@@ -83,6 +83,43 @@ def test_load_split_keeps_labels_and_limits(image_root):
     assert part.keys == full.keys[:7] and torch.equal(part.source, full.source[:7])
 
 
+def _text_split(root: Path, samples: list[dict]) -> None:
+
+    import webdataset as wds
+
+    out = root / "shards" / "text"
+    out.mkdir(parents=True)
+    with wds.TarWriter(str(out / "train-000000.tar")) as w:
+        for s in samples:
+            w.write(s)
+    (out / "train.json").write_text(json.dumps({"shardlist": [{"url": "train-000000.tar", "nsamples": len(samples)}]}))
+
+
+def _ids(*v: int) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.array(v, dtype=np.int32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def test_load_split_never_decodes_unlabelled_samples(tmp_path):
+    """The text training split is mostly unlabelled pretraining lines: they are dropped by their
+    ``.cls`` before their ids are decoded (an unreadable one costs nothing), a labelled one is not."""
+    _text_split(tmp_path / "a", [
+        {"__key__": "u0", "cls": b"-1", "ids.npy": b"not an npy file", "txt": b"x"},
+        {"__key__": "l0", "cls": b"1", "ids.npy": _ids(7, 8, 2), "txt": b"good"},
+        {"__key__": "u1", "cls": b"-1", "ids.npy": _ids(9, 2), "txt": b"y"},
+        {"__key__": "l1", "cls": b"0", "ids.npy": _ids(5, 2), "txt": b"bad"},
+    ])
+    d = load_split(tmp_path / "a", "text", "train", text_length=8)
+    assert d.keys == ["l0", "l1"] and d.label.tolist() == [1, 0] and d.lengths.tolist() == [4, 3]
+    assert d.source[0, :5].tolist() == [0, 7, 8, 2, 1]  # <s> first, <pad> after
+    _text_split(tmp_path / "b", [{"__key__": "l0", "cls": b"1", "ids.npy": b"not an npy file", "txt": b"z"}])
+    with pytest.raises(InputError, match=r"sample 'l0'.*ids\.npy"):
+        load_split(tmp_path / "b", "text", "train", text_length=8)
+
+
 def test_layer_decay_scales_each_layer():
     m = Data2Vec2(build_cfg("image"))
     clf = Classifier(m, "image", 3)

@@ -69,7 +69,7 @@ def load_split(root: str | Path, modality: str, split: str, max_n: int = 0, *, i
     texts: list[str] = []
     cropped = 0
     target = int(round(audio_seconds * sample_rate))
-    for chunk in eval_loader(urls, 256, _identity):
+    for chunk in eval_loader(urls, 256, _identity, labelled_only=True):
         for s in chunk:
             cls = int(s["cls"])
             if cls < 0:

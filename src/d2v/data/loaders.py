@@ -234,14 +234,30 @@ def train_loader(urls: list[str], modality: str, batch_size: int, collate: Calla
     return loader.with_epoch(batches_per_epoch)
 
 
-def eval_loader(urls: list[str], batch_size: int, collate: Callable[[list[dict]], Batch], num_workers: int = 0):
-    """One exact pass over the shards (in order; each sample once across nodes and workers)."""
+def eval_loader(urls: list[str], batch_size: int, collate: Callable[[list[dict]], Batch], num_workers: int = 0,
+                labelled_only: bool = False):
+    """One exact pass over the shards (in order; each sample once across nodes and workers).
+
+    ``labelled_only``: drop samples whose ``.cls`` is negative before anything else of them is
+    decoded (the text training split is mostly unlabelled pretraining lines)."""
     import webdataset as wds
 
     ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node, handler=_shard_error,
                         empty_check=False)
-    ds = ds.map(_check_key).map(_decoder).batched(batch_size, collation_fn=collate, partial=True)
+    ds = ds.map(_check_key)
+    if labelled_only:
+        ds = ds.select(_maybe_labelled)
+    ds = ds.map(_decoder).batched(batch_size, collation_fn=collate, partial=True)
     return wds.WebLoader(ds, batch_size=None, num_workers=num_workers)
+
+
+def _maybe_labelled(sample: dict) -> bool:
+    """False only for a readable negative ``.cls`` (unlabelled); anything unreadable goes on to
+    ``_decoder``, which names the sample in its error."""
+    try:
+        return int(sample["cls"]) >= 0
+    except (KeyError, ValueError, TypeError):
+        return True
 
 
 def make_train_loader(cfg: Any, modality: str, batch_size: int, batches_per_epoch: int, seed: int,
