@@ -230,13 +230,19 @@ def test_time_to_accuracy_benchmark_writes_json_and_plot(tmp_path):
     make_image_data(root)
     write_shards("image", root, seed=0, maxcount=3, min_shards=2, progress=False)
     out, png = tmp_path / "tta.json", tmp_path / "tta.png"
-    r = _run([str(PROJECT_ROOT / "benchmarks/time_to_accuracy.py"), "--root", str(root), "--budget", "0.5",
-              "--probe-every", "0.5", "--batch", "2", "--pretrain-n", "8", "--probe-train", "8", "--probe-test", "8",
+    r = _run([str(PROJECT_ROOT / "benchmarks/time_to_accuracy.py"), "--root", str(root), "--budget", "1",
+              "--probe-every", "2", "--batch", "2", "--probe-train", "10", "--probe-val", "10",
               "--out", str(out), "--plot", str(png)])
     rep = json.loads(out.read_text())
     assert [x["objective"] for x in rep["results"]] == ["data2vec2", "mae", "data2vec1"]
-    for x in rep["results"]:
-        assert x["steps"] > 0 and len(x["points"]) >= 2 and x["points"][0]["train_s"] == 0
-        assert all(0 <= p["probe_acc"] <= 1 for p in x["points"])
+    for x in rep["results"]:  # each a d2v pretrain run: its online probe at step 0, every 2 steps and at the end
+        assert x["steps"] > 0 and len(x["points"]) >= 2 and x["points"][0]["step"] == 0
+        steps = [q["step"] for q in x["points"]]
+        assert steps == sorted(steps) and steps[-1] == x["steps"] and all(s % 2 == 0 for s in steps[:-1])
+        secs = [q["train_s"] for q in x["points"]]
+        assert secs == sorted(secs) and secs[-1] >= 1.0  # ran out its 1 s training budget
+        assert all(0 <= q["probe_acc"] <= 1 for q in x["points"])
+    batch = {x["objective"]: x["batch"] for x in rep["results"]}
+    assert batch == {"data2vec2": 2, "mae": 256, "data2vec1": 2}  # MAE's own recipe, not data2vec's
     assert rep["headline_vs_mae"]["text"] and png.stat().st_size > 1000
     assert "headline" in r.stdout

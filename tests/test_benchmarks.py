@@ -45,19 +45,18 @@ def test_time_to_accuracy_text_writes_json_and_plot(tmp_path):
     out, png = tmp_path / "tta_text.json", tmp_path / "tta_text.png"
     r = subprocess.run(
         [sys.executable, str(PROJECT_ROOT / "benchmarks/time_to_accuracy.py"), "--modality", "text", "--threads", "1",
-         "--root", str(root), "--budget", "0.5", "--probe-every", "0.5", "--batch", "2", "--probe-train", "16",
-         "--probe-test", "8", "--out", str(out), "--plot", str(png)],
+         "--root", str(root), "--budget", "0.5", "--probe-every", "2", "--batch", "2", "--probe-train", "16",
+         "--probe-val", "10", "--out", str(out), "--plot", str(png)],
         capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads(out.read_text())
     assert rep["modality"] == "text" and "train.modalities=[text]" in rep["overrides"]
     assert [x["objective"] for x in rep["results"]] == ["data2vec2", "bert"]
-    # every training line is read, the unlabelled ones included (50 in make_text_data's train split)
-    assert rep["pretrain_lines"] == 50 and rep["pretrain_rows"] > 0 and rep["text_rows"] == "packed"
-    assert rep["probe_train"] == 16 and rep["probe_test"] == 8
+    assert rep["probe_train"] == 16 and rep["probe_val"] == 10 and rep["recipes"] == {}
     for x in rep["results"]:
-        assert x["steps"] > 0 and x["steps_per_s"] > 0 and len(x["points"]) >= 2 and x["points"][0]["train_s"] == 0
+        assert x["steps"] > 0 and x["steps_per_s"] > 0 and len(x["points"]) >= 2 and x["points"][0]["step"] == 0
+        assert x["points"][-1]["step"] == x["steps"] and x["batch"] == 2
         assert all(0 <= p["probe_acc"] <= 1 for p in x["points"]) and 0 <= x["best_acc"] <= 1
     assert {x["objective"]: x["masks_per_sample"] for x in rep["results"]}["bert"] == 1
     head = rep["headline_vs_bert"]
