@@ -86,6 +86,11 @@ def test_dvc_repro_runs_the_embedded_default(repo: Path):
     assert "didn't change, skipping" in again.stdout or "is cached" in again.stdout or "up to date" in again.stdout
     shown = run([str(BIN / "dvc"), "metrics", "show", "--json"], repo)
     assert "final_loss" in shown.stdout
+    # the main command's last word: a verdict per task, nothing stale or missing right after the repro
+    summary = run([str(BIN / "d2v"), "summary"], repo).stdout
+    for task in ("image", "speech", "text"):
+        assert any(line.startswith(task + " ") for line in summary.splitlines()), (task, summary)
+    assert "STALE" not in summary and "MISSING" not in summary and "samples/s" in summary, summary
 
 
 def test_dvc_exp_run_composes_params_from_conf(repo: Path):
@@ -119,3 +124,6 @@ def test_a_bad_manifest_stops_the_pipeline_at_validation(repo: Path):
     assert r.returncode != 0
     out = r.stdout + r.stderr
     assert "key_unique" in out and "failed validation" in out
+    # the validation report on disk is now the failed run's: the summary says so instead of trusting it
+    summary = run([str(BIN / "d2v"), "summary"], repo).stdout
+    assert "STALE" in summary and "reports/validation/image.json" in summary, summary

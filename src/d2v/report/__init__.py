@@ -1,0 +1,1 @@
+"""What a person reads after a run: the summary table (``d2v summary``)."""
