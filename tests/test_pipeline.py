@@ -53,7 +53,7 @@ def test_dvc_repro_runs_the_embedded_default(repo: Path):
     for stage in ("download@image", "download@speech", "download@text", "validate@image", "validate@speech",
                   "validate@text", "tokenizer", "shard@image", "shard@speech", "shard@text", "pretrain",
                   "finetune@image", "finetune@speech", "finetune@text", "evaluate@image", "evaluate@speech",
-                  "evaluate@text", "register"):
+                  "evaluate@text", "register", "report"):
         assert f"Running stage '{stage}'" in r.stdout, stage
     for m, least in (("image", 60000), ("speech", 5000), ("text", 40000)):
         assert json.loads((repo / f"reports/validation/{m}.json").read_text())["success"] is True
@@ -86,6 +86,8 @@ def test_dvc_repro_runs_the_embedded_default(repo: Path):
     assert "didn't change, skipping" in again.stdout or "is cached" in again.stdout or "up to date" in again.stdout
     shown = run([str(BIN / "dvc"), "metrics", "show", "--json"], repo)
     assert "final_loss" in shown.stdout
+    page = (repo / "reports/report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 8 and "Did pretraining help?" in page  # curves + 3 confusions
     # the main command's last word: a verdict per task, nothing stale or missing right after the repro
     summary = run([str(BIN / "d2v"), "summary"], repo).stdout
     for task in ("image", "speech", "text"):

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -116,3 +117,43 @@ def test_a_metric_whose_inputs_changed_after_it_was_written_is_stale(tmp_path):
 
     shutil.rmtree(root / "models/finetune/image")  # the stage that makes it failed before writing
     assert summarize(root).stale["reports/metrics/eval_image.json"] == ["its input models/finetune/image is missing"]
+
+
+def write_plots(root: Path) -> None:
+    plots = root / "reports/plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    rows = ["step\tmodality\tloss\tlr\tema_decay\ttarget_var\tpred_var\tstep_time_s\tlocal_mean\tlocal_std\tlocal_frame_std"]
+    for step in range(1, 31):
+        m = ("image", "speech", "text")[step % 3]
+        local = "0.1\t0.5\t0.4" if m == "speech" else "nan\tnan\tnan"
+        rows.append(f"{step}\t{m}\t{10 - step / 10}\t1e-3\t0.999\t0.5\t0.3\t0.1\t{local}")
+    (plots / "pretrain_loss.tsv").write_text("\n".join(rows) + "\n")
+    (plots / "pretrain_probe.tsv").write_text("step\ttrain_seconds\tmodality\taccuracy\n0\t0\timage\t0.5\n30\t9.5\timage\t0.7\n")
+    (plots / "finetune_image.tsv").write_text("step\tloss_pretrained\tloss_random\n1\t2.3\t2.3\n2\t2.0\t2.2\n")
+
+
+def test_the_report_page_embeds_the_curves_and_the_table(tmp_path, capsys):
+    write_reports(tmp_path)
+    write_plots(tmp_path)
+    (tmp_path / "params.yaml").write_text("seed: 1\ntrain:\n  lr: 0.001\n")
+    out = tmp_path / "reports/report.html"
+    assert main(["report", "--root", str(tmp_path)]) == 0
+    page = out.read_text()
+    captions = re.findall(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]+" alt="([^"]+)"', page)
+    # loss, variances, speech front end, online probe, fine-tuning (image only here): five drawn curves
+    assert len(captions) == 5 and any("online probe" in c.lower() for c in captions), captions
+    assert "+0.041 ± 0.007" in page and 'class="worse">worse' in page and "lr: 0.001" in page
+    # what is absent is listed, not an error: the other tasks' curves and every confusion matrix
+    assert "fine-tuning curve of speech" in page and "confusion matrix of text" in page
+    assert "<script" not in page  # self-contained and static
+
+
+def test_the_report_of_a_broken_run_says_what_is_missing_and_escapes_what_it_shows(tmp_path, capsys):
+    write_reports(tmp_path)
+    (tmp_path / "reports/metrics/eval_image.json").write_text("{not json")
+    (tmp_path / "params.yaml").write_text("note: <script>alert(1)</script>\n")
+    assert main(["report", "--root", str(tmp_path)]) == 1
+    assert "eval_image.json: unreadable" in capsys.readouterr().out
+    page = (tmp_path / "reports/report.html").read_text()
+    assert "eval_image.json: unreadable" in page and "pretraining curves" in page
+    assert "<script>alert" not in page and "&lt;script&gt;" in page  # autoescaped

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("d2v.cli.finetune", "fine-tune a classifier on the pretrained and on a random encoder (DVC stage 'finetune@<task>')"),
     "evaluate": ("d2v.cli.evaluate", "test accuracy and linear probes against random init (DVC stage 'evaluate@<task>')"),
     "register": ("d2v.cli.register", "register encoder and classifiers in MLflow; move 'champion' on improvement (DVC stage 'register')"),
+    "report": ("d2v.cli.report", "one self-contained HTML page of the run: curves, confusion matrices, summary (DVC stage 'report')"),
     "summary": ("d2v.cli.summary", "did pretraining help, per task, and how fast: a table from reports/metrics/"),
     "compose": ("d2v.cli.compose", "compose conf/ with Hydra overrides into params.yaml (or print it)"),
     "describe": ("d2v.cli.describe", "print a config's architecture: parameter counts per modality, token counts"),
