@@ -86,6 +86,15 @@ def test_dvc_repro_runs_the_embedded_default(repo: Path):
     assert "didn't change, skipping" in again.stdout or "is cached" in again.stdout or "up to date" in again.stdout
     shown = run([str(BIN / "dvc"), "metrics", "show", "--json"], repo)
     assert "final_loss" in shown.stdout
+    # the pretraining run names the shard sets that trained it, by the hashes DVC recorded for them
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    want = {(f"{m}-shards", lock[f"shard@{m}"]["outs"][0]["md5"].removesuffix(".dir")) for m in ("image", "speech", "text")}
+    client = MlflowClient(f"sqlite:///{repo.resolve()}/mlflow.db")
+    inputs = client.get_run(metrics["mlflow_run_id"]).inputs.dataset_inputs
+    assert {(i.dataset.name, i.dataset.digest) for i in inputs} == want
     page = (repo / "reports/report.html").read_text()
     assert page.count("data:image/png;base64,") >= 8 and "Did pretraining help?" in page  # curves + 3 confusions
     # the main command's last word: a verdict per task, nothing stale or missing right after the repro

@@ -70,3 +70,36 @@ def test_system_metrics_and_prefect_tags_are_logged(monkeypatch):
     assert any("cpu_utilization" in k for k in system) and any("memory" in k for k in system), system
     assert run.data.tags["prefect_flow_run_id"] == "flow-run-123"
     assert run.data.metrics["loss"] == 1.0
+
+
+def test_runs_record_the_shard_sets_they_read_and_the_experiment_opens_as_model_training(tmp_path, monkeypatch):
+    import json
+
+    import yaml
+
+    from d2v.tracking.mlflow_utils import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, Tracker, shard_digest
+
+    root = tmp_path / "data"
+    for m in ("image", "text"):
+        (root / "shards" / m).mkdir(parents=True)
+        (root / "shards" / m / "train.json").write_text(json.dumps({"shardlist": [{"url": f"{m}-0.tar", "nsamples": 3}]}))
+    monkeypatch.chdir(tmp_path)  # no dvc.lock here: the digest is the hash of the split indexes
+    by_index = shard_digest(root, "image")
+    assert by_index and by_index != shard_digest(root, "text") and shard_digest(root, "speech") is None
+    (root / "shards/image/train.json").write_text(json.dumps({"shardlist": [{"url": "image-0.tar", "nsamples": 4}]}))
+    assert shard_digest(root, "image") != by_index  # other shards, another digest
+    # the pipeline's shards: the hash DVC recorded for the folder
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"stages": {"shard@image": {"outs": [
+        {"path": "data/shards/image", "md5": "0123456789abcdef0123456789abcdef.dir"}]}}}))
+    assert shard_digest(root, "image") == "0123456789abcdef0123456789abcdef"
+
+    tracker = Tracker("inputs", {"a": 1}, system_metrics=False)
+    tracker.log_shards(root, ["image", "speech", "text"], "train")  # speech has no shards: skipped
+    tracker.finish()
+    client = MlflowClient(tracking_uri())
+    inputs = client.get_run(tracker.run_id).inputs.dataset_inputs
+    got = {(i.dataset.name, i.dataset.digest, {t.key: t.value for t in i.tags}["mlflow.data.context"]) for i in inputs}
+    assert got == {("image-shards", "0123456789abcdef0123456789abcdef", "train"),
+                   ("text-shards", shard_digest(root, "text"), "train")}
+    assert json.loads(inputs[0].dataset.source)["uri"].startswith(str(root.resolve()))
+    assert client.get_experiment_by_name("d2v").tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND

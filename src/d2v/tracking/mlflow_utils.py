@@ -15,12 +15,13 @@ first written to ``mlflow_spool/<run id>.<pid>.jsonl`` beside the store: the nex
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -141,6 +142,35 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
+def shard_digest(root: str | Path, modality: str) -> str | None:
+    """What identifies ``<root>/shards/<modality>``: the DVC hash ``dvc.lock`` records for it (the
+    pipeline's shards), else a hash of its split indexes (which list every shard and its size);
+    None when it has no index (never sharded)."""
+    shard_dir = Path(root) / "shards" / modality
+    lock = Path("dvc.lock")
+    if lock.is_file():
+        import yaml
+
+        try:
+            stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
+            for st in stages.values():
+                for o in st.get("outs") or []:
+                    if Path(o.get("path", "")).resolve() == shard_dir.resolve() and o.get("md5"):
+                        return str(o["md5"]).removesuffix(".dir")
+        except (yaml.YAMLError, OSError, AttributeError):
+            pass  # an unreadable lock: the index hash below still identifies the shards
+    indexes = sorted(shard_dir.glob("*.json"))
+    if not indexes:
+        return None
+    h = hashlib.sha256()
+    for p in indexes:
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:32]
+
+
 def git_commit() -> str | None:
     try:
         r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
@@ -163,6 +193,10 @@ class Tracker:
         exp = with_retry("the experiment", lambda: self.client.get_experiment_by_name(experiment))
         exp_id = exp.experiment_id if exp else with_retry(
             "the experiment", lambda: self.client.create_experiment(experiment, artifact_location=artifact_root()))
+        if exp is None or exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            # MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view
+            with_retry("the experiment kind", lambda: self.client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG,
+                                                                                      EXPERIMENT_KIND))
         all_tags = {"git_commit": git_commit() or "unknown", "mlflow.runName": run_name, **(tags or {})}
         for var, tag in (("D2V_PREFECT_FLOW_RUN_ID", "prefect_flow_run_id"), ("D2V_PREFECT_DEPLOYMENT", "prefect_deployment")):
             if os.environ.get(var):  # set by flows/ when a Prefect run started this stage
@@ -221,6 +255,23 @@ class Tracker:
                                for m in self._pending))
         os.replace(tmp, path)
         return path
+
+    def log_shards(self, root: str | Path, modalities: Sequence[str], context: str) -> None:
+        """Record the shard sets this run read as MLflow dataset inputs (the runs table's Dataset
+        column): name ``<modality>-shards``, source the shard folder, digest :func:`shard_digest`,
+        context ``train`` / ``eval`` / ``test``. A shard folder without an index is skipped."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = []
+        for m in modalities:
+            digest = shard_digest(root, m)
+            if digest is None:
+                continue
+            src = (Path(root) / "shards" / m).resolve()
+            ds = Dataset(name=f"{m}-shards", digest=digest, source_type="local", source=json.dumps({"uri": str(src)}))
+            inputs.append(DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)]))
+        if inputs:
+            with_retry("dataset inputs", lambda: self.client.log_inputs(self.run_id, datasets=inputs))
 
     def artifact(self, path: Path, artifact_path: str | None = None) -> None:
         with_retry(f"artifact {path}", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))

@@ -109,6 +109,7 @@ def evaluate_task(cfg: Config, task: str, metrics_path: Path | None = None,
         from d2v.tracking.mlflow_utils import Tracker
 
         tracker = Tracker(f"evaluate-{task}", {"task": task, **to_dict(cfg)}, tags={"stage": "evaluate", "task": task})
+        tracker.log_shards(cfg.data.root, [task], "eval")
         metrics = {k: report[k] for k in ("accuracy", "baseline_accuracy", "probe_accuracy", "probe_baseline_accuracy")}
         tracker.log(metrics, 0)
         report["mlflow_run_id"] = tracker.run_id

@@ -139,6 +139,7 @@ def finetune_task(cfg: Config, task: str, progress: bool = True, inits: tuple[st
 
             tracker = Tracker(f"finetune-{task}-{init}", {"task": task, "init": source, **to_dict(cfg)},
                               tags={"stage": "finetune", "task": task, "init": init})
+            tracker.log_shards(cfg.data.root, [task], "train")
         start = time.perf_counter()
         try:
             losses = train_classifier(clf, train, tc, cfg.seed, device, progress, f"finetune {task} ({init})", tracker)

@@ -213,6 +213,8 @@ def _pretrain(cfg: Config, info: DistInfo, resume, progress: bool, metrics_path,
                                                           "resumed_from": str(start),
                                                           "world_size": str(info.world_size)})
         result.mlflow_run_id = tracker.run_id
+        if cfg.data.source == "shards":  # what trained it, in the runs table's Dataset column
+            tracker.log_shards(cfg.data.root, t.modalities, "train")
 
     def clock() -> float:  # training seconds of this process, probes excluded
         return time.perf_counter() - t_start - (probe.seconds if probe is not None else 0.0)
