@@ -17,7 +17,6 @@ import datetime as dt
 import io
 import math
 import os
-import subprocess
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -139,14 +138,6 @@ def bench_figures(bench: Path) -> list[dict[str, str]]:
             for p in sorted(bench.glob("time_to_accuracy*.png"))]
 
 
-def git_commit(root: Path) -> str | None:
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return r.stdout.strip() or None if r.returncode == 0 else None
-
-
 def pretrain_line(s: Summary) -> str:
     p = s.pretrain
     if not p:
@@ -166,6 +157,8 @@ def pretrain_line(s: Summary) -> str:
 def build_report(root: str | Path, out: str | Path) -> Summary:
     """Write the page to ``out`` (atomically) from the run under ``root``; returns the summary."""
     from jinja2 import Environment, PackageLoader, select_autoescape
+
+    from d2v.tracking.mlflow_utils import git_commit
 
     root = Path(root)
     s = summarize(root)

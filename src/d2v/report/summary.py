@@ -173,20 +173,13 @@ def _newest_mtime(path: Path) -> float:
     return max((p.stat().st_mtime for p in path.rglob("*") if p.is_file()), default=path.stat().st_mtime)
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
 def stale_outputs(root: Path) -> tuple[dict[str, list[str]], bool]:
     """For each JSON output that ``dvc.lock`` records: why it no longer matches its stage's inputs.
 
     Returns ({output path: [reasons]}, whether a dvc.lock was there to check against)."""
     import yaml
+
+    from d2v.tracking.mlflow_utils import flatten  # the dotted keys of params, as MLflow gets them
 
     lock_path = root / "dvc.lock"
     if not lock_path.is_file():
@@ -197,7 +190,7 @@ def stale_outputs(root: Path) -> tuple[dict[str, list[str]], bool]:
         params_now = {}
         for pfile in {f for st in stages.values() for f in (st.get("params") or {})}:
             ppath = root / pfile
-            params_now[pfile] = _flatten(yaml.safe_load(ppath.read_text(encoding="utf-8"))) if ppath.is_file() else None
+            params_now[pfile] = flatten(yaml.safe_load(ppath.read_text(encoding="utf-8")) or {}) if ppath.is_file() else None
     except (yaml.YAMLError, OSError, AttributeError) as e:
         return {"dvc.lock": [f"unreadable ({type(e).__name__}: {e})"]}, False
     out: dict[str, list[str]] = {}
@@ -223,7 +216,7 @@ def stale_outputs(root: Path) -> tuple[dict[str, list[str]], bool]:
                 if now is None:
                     why.append(f"{pfile} is missing")
                     continue
-                for key, value in _flatten(recorded).items():
+                for key, value in flatten(recorded if isinstance(recorded, dict) else {}).items():
                     if key in now and now[key] != value and str(now[key]) != str(value):
                         why.append(f"param {key} changed since stage {name} ran ({value!r} -> {now[key]!r})")
                         break

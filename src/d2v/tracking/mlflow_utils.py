@@ -171,9 +171,9 @@ def shard_digest(root: str | Path, modality: str) -> str | None:
     return h.hexdigest()[:32]
 
 
-def git_commit() -> str | None:
+def git_commit(cwd: str | Path = PROJECT_ROOT) -> str | None:
     try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
         return r.stdout.strip() or None if r.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
