@@ -74,7 +74,8 @@ def test_max_minutes_stops_on_time_and_spreads_the_schedule_over_it(tmp_path):
     assert res.train_seconds >= 1.2
     lrs = [r["lr"] for r in res.history]
     assert lrs[0] > lrs[-1] and lrs[-1] < 0.5 * lrs[0]  # the cosine ran over the minutes, not the steps
-    assert torch.load(res.checkpoint, weights_only=True)["train_seconds"] == pytest.approx(res.train_seconds, rel=0.2)
+    # the clock stops before the final save: the checkpoint (read by --resume) holds the reported seconds
+    assert torch.load(res.checkpoint, weights_only=True)["train_seconds"] == res.train_seconds
 
 
 def test_online_probe_logs_curves_without_changing_training(tmp_path, shard_root):  # noqa: F811

@@ -193,11 +193,11 @@ def _pretrain(cfg: Config, info: DistInfo, resume, progress: bool, metrics_path,
     budget_s = t.max_minutes * 60.0
     trained_s = float(state.get("train_seconds", 0.0)) if state is not None else 0.0  # before this process
 
-    def save(step: int) -> None:
+    def save(step: int, seconds: float | None = None) -> None:
         ckpt = checkpoint.checkpoint_state(model, opt, cfg, step, info)
         if ckpt is None:
             return
-        ckpt["train_seconds"] = trained_s + clock()
+        ckpt["train_seconds"] = trained_s + clock() if seconds is None else seconds
         atomic_save(ckpt, ckpt_path)
         if t.keep_every and step % t.keep_every == 0:  # a kept copy, beside the one that is overwritten
             kept = out_dir / f"checkpoint_{step}.pt"
@@ -284,7 +284,8 @@ def _pretrain(cfg: Config, info: DistInfo, resume, progress: bool, metrics_path,
             if last:
                 break
         bar.close()
-        save(max(start, done))
+        own_s = clock()  # stopped before the save: the checkpoint and the result report the same seconds
+        save(max(start, done), trained_s + own_s)
     except BaseException:
         if tracker is not None:
             tracker.finish("FAILED")
@@ -294,9 +295,9 @@ def _pretrain(cfg: Config, info: DistInfo, resume, progress: bool, metrics_path,
         monitor.close()
     result.checkpoint = str(ckpt_path)
     result.steps = max(start, done)
-    result.train_seconds = trained_s + clock()
+    result.train_seconds = trained_s + own_s
     if stop_after is None:
-        result.samples_per_s = n_samples / max(1e-9, clock())
+        result.samples_per_s = n_samples / max(1e-9, own_s)
         result.copies_per_s = result.samples_per_s * copies
         for m, ts in times.items():
             if ts:  # median step time, skipping the first (warm-up) step
