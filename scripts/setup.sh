@@ -19,6 +19,17 @@ if ! command -v flite >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-ge
     && echo "setup: installed flite (second speech synthesizer)" \
     || echo "setup: could not install flite (optional): apt-get install flite"
 fi
+# Optional system packages: Debian's chromium and chromium-driver for the browser tests
+# (tests/test_browser.py: the MLflow and Prefect UIs rendered in a real browser; ~20 s to install).
+# Without them those tests skip and say why. D2V_NO_BROWSER=1 skips the install.
+if [ -z "${D2V_NO_BROWSER:-}" ] && ! command -v chromedriver >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
+  && command -v apt-get >/dev/null 2>&1; then
+  (apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null 2>&1 \
+    || (apt-get update -qq >/dev/null 2>&1 \
+        && apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null 2>&1)) \
+    && echo "setup: installed chromium + chromium-driver (browser tests)" \
+    || echo "setup: could not install chromium (optional; the browser tests will skip): apt-get install chromium chromium-driver"
+fi
 # The stamp covers what the install depends on: the lock and pyproject.toml without its tool
 # settings for pytest and ruff (editing a marker or a lint rule re-installs nothing).
 install_inputs() {

@@ -12,6 +12,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import pytest
 import torch
+from browser import browser  # noqa: F401 (a real headless Chromium, for the UI tests)
 
 from d2v.models import DecoderConfig, ImageConfig, ModelConfig, SpeechConfig, TextConfig
 

@@ -1,10 +1,11 @@
 """The flows against a real Prefect server on 127.0.0.1, started once for this module.
 
-The server is ``scripts/prefect_server.sh`` on a free port with a temporary PREFECT_HOME (UI off
-to start faster). The DVC repository is the toy of test_flows.py (seconds per stage): the
+The server is ``scripts/prefect_server.sh`` on a free port with a temporary PREFECT_HOME, UI on as
+users run it. The DVC repository is the toy of test_flows.py (seconds per stage): the
 pipeline flow runs it to completion, a failing stage fails the flow with its error in the
 run's log, ``python -m flows.serve`` creates the scheduled deployment and a triggered run
-completes, and the sweep and retrain flows do their jobs.
+completes, its pages render in a real Chromium (tests/browser.py), Ctrl+C pauses the schedule,
+and the sweep and retrain flows do their jobs.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from browser import Browser
 from test_flows import BROKEN_MESSAGE, ROOT, make_toy_repo, sh  # importing test_flows also puts flows/ on sys.path
 
 pytestmark = pytest.mark.prefect
@@ -36,7 +40,7 @@ def free_port() -> int:
 
 def server_env(home: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="true",
-               PREFECT_UI_ENABLED="false", **extra)
+               **extra)
     env.pop("PREFECT_API_URL", None)
     return env
 
@@ -153,18 +157,29 @@ def test_a_failing_stage_fails_the_flow_with_its_error_in_the_log(prefect_api: s
     assert "failed to reproduce 'broken'" in errors and BROKEN_MESSAGE in errors  # DVC's error + the task's exception
 
 
-def test_served_deployment_has_its_schedule_and_a_triggered_run_completes(prefect_api: str, repo: Path,
-                                                                          tmp_path: Path):
+@dataclass
+class Served:
+    """``python -m flows.serve`` serving the scheduled deployment, after one triggered run."""
+
+    proc: subprocess.Popen
+    log: Path
+    deployment: Any
+    run: Any
+
+
+@pytest.fixture(scope="module")
+def served(prefect_api: str, repo: Path, tmp_path_factory) -> Iterator[Served]:
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
-    out = open(tmp_path / "serve.log", "w")
+    tmp = tmp_path_factory.mktemp("serve")
+    out = open(tmp / "serve.log", "w")
     serve = subprocess.Popen(
         [sys.executable, "-m", "flows.serve", "--repo", str(repo), "--only", "pipeline", "--pipeline-cron",
          "0 3 * * *", "--stage", "prep", "--stage", "train", "--retries", "0", "--api-url", prefect_api],
         cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        env=server_env(tmp_path / "home", PREFECT_RUNNER_POLL_FREQUENCY="1"))  # default: polls every 10 s
+        env=server_env(tmp / "home", PREFECT_RUNNER_POLL_FREQUENCY="1"))  # default: polls every 10 s
     try:
         deadline = time.monotonic() + 120
         with get_client(sync_client=True) as client:
@@ -173,27 +188,57 @@ def test_served_deployment_has_its_schedule_and_a_triggered_run_completes(prefec
                     dep = client.read_deployment_by_name("d2v-pipeline/scheduled")
                     break
                 except ObjectNotFound:
-                    assert serve.poll() is None, (tmp_path / "serve.log").read_text()
+                    assert serve.poll() is None, (tmp / "serve.log").read_text()
                     assert time.monotonic() < deadline, "the deployment never appeared"
                     time.sleep(0.5)
-        assert [(s.schedule.cron, s.active) for s in dep.schedules] == [("0 3 * * *", True)]
-        assert dep.parameters["repo"] == str(repo) and dep.parameters["stages"] == ["prep", "train"]
         run = run_deployment("d2v-pipeline/scheduled", parameters={"stages": ["train"], "experiment": "fast",
                                                                    "exp_name": "served-fast"},
                              timeout=240, poll_interval=1, as_subflow=False)
-        assert run.state.is_completed(), ((tmp_path / "serve.log").read_text()[-3000:], run.state)
-        messages = [m for _, m in run_logs(run.id, wait_for="Experiment has been saved as: served-fast")]
-        assert "training with lr 0.5 width 8" in messages  # the experiment's params, composed by Hydra
-        refs = sh(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], repo).stdout
-        assert "/served-fast" in refs
-        serve.send_signal(signal.SIGINT)  # Ctrl+C: stop serving, pause the deployment's schedule
-        # Shutdown pauses the schedule through the API first: slow on a loaded 2-core box (>60 s seen once).
-        assert serve.wait(timeout=180) == 0, (tmp_path / "serve.log").read_text()[-2000:]
-        with get_client(sync_client=True) as client:
-            assert client.read_deployment(dep.id).paused is True
+        yield Served(serve, tmp / "serve.log", dep, run)
     finally:
         stop(serve)
         out.close()
+
+
+def test_served_deployment_has_its_schedule_and_a_triggered_run_completes(served: Served, repo: Path):
+    dep, run = served.deployment, served.run
+    assert [(s.schedule.cron, s.active) for s in dep.schedules] == [("0 3 * * *", True)]
+    assert dep.parameters["repo"] == str(repo) and dep.parameters["stages"] == ["prep", "train"]
+    assert run.state.is_completed(), (served.log.read_text()[-3000:], run.state)
+    messages = [m for _, m in run_logs(run.id, wait_for="Experiment has been saved as: served-fast")]
+    assert "training with lr 0.5 width 8" in messages  # the experiment's params, composed by Hydra
+    refs = sh(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], repo).stdout
+    assert "/served-fast" in refs
+
+
+def test_prefect_ui_in_a_browser_shows_the_schedule_and_a_runs_tasks_and_logs(served: Served, browser: Browser,
+                                                                             prefect_api: str):
+    """The pages a user opens in the Prefect UI, rendered by Chromium (the DOM after the app's scripts ran)."""
+    ui = prefect_api.removesuffix("/api")
+    run = served.run
+    assert run.state.is_completed(), run.state
+    # Deployments: the scheduled pipeline, with its cron schedule in words
+    text = browser.page(f"{ui}/deployments", "d2v-pipeline", "scheduled")
+    assert "At 03:00 AM" in text, text[:2000]
+    browser.screenshot("prefect-deployments")
+    browser.page(f"{ui}/deployments/deployment/{served.deployment.id}", "scheduled", "At 03:00 AM")
+    # the triggered flow run: completed, its log lines, then its task runs (one per DVC stage it ran)
+    browser.page(f"{ui}/runs/flow-run/{run.id}", run.name, "Completed", "training with lr 0.5 width 8")
+    browser.screenshot("prefect-flow-run-logs")
+    browser.click_text("Task Runs")
+    browser.wait_for("dvc repro train", "set params: ['experiment=fast']", "dvc exp save -n served-fast",
+                     "(3 Completed)")
+    browser.screenshot("prefect-flow-run-tasks")
+
+
+def test_ctrl_c_stops_serving_and_pauses_the_schedule(served: Served):
+    from prefect.client.orchestration import get_client
+
+    served.proc.send_signal(signal.SIGINT)  # Ctrl+C: stop serving, pause the deployment's schedule
+    # Shutdown pauses the schedule through the API first: slow on a loaded 2-core box (>60 s seen once).
+    assert served.proc.wait(timeout=180) == 0, served.log.read_text()[-2000:]
+    with get_client(sync_client=True) as client:
+        assert client.read_deployment(served.deployment.id).paused is True
 
 
 @pytest.mark.slow  # ~25-50 s: DVC's queue worker starts, then two experiments run in temp folders
