@@ -23,7 +23,7 @@ import pytest
 # Google's hosts, refused by this machine's closed network
 FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
          "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-default-apps", "--window-size=1440,900"]
+         "--disable-default-apps", "--window-size=1920,1080"]
 
 
 def find_chromium() -> tuple[str, str] | None:
@@ -82,6 +82,26 @@ class Browser:
         if not found:
             pytest.fail(f"{self.driver.current_url}: no visible element says {text!r}")
         found[-1].click()  # document order: the last match is the innermost
+
+    def click_if_present(self, css: str) -> bool:
+        """Click the first visible element matching ``css`` (a panel's close button); False if none."""
+        from selenium.webdriver.common.by import By
+
+        found = [e for e in self.driver.find_elements(By.CSS_SELECTOR, css) if e.is_displayed()]
+        if found:
+            found[0].click()
+        return bool(found)
+
+    def wait_image(self, alt_or_src: str, timeout: float = 30.0) -> None:
+        """Wait until an <img> whose alt or src mentions ``alt_or_src`` has loaded and has pixels."""
+        js = ("return Array.from(document.images).some(i => (i.alt.includes(arguments[0]) || "
+              "i.src.includes(arguments[0])) && i.complete && i.naturalWidth > 0)")
+        deadline = time.monotonic() + timeout
+        while not self.driver.execute_script(js, alt_or_src):
+            if time.monotonic() > deadline:
+                imgs = self.driver.execute_script("return Array.from(document.images).map(i => [i.alt, i.src])")
+                pytest.fail(f"{self.driver.current_url}: no loaded image for {alt_or_src!r}; images: {imgs}")
+            time.sleep(0.25)
 
     def screenshot(self, name: str) -> Path:
         time.sleep(0.5)  # let charts and fonts settle after the text showed up

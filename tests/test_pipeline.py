@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,6 +105,75 @@ def test_dvc_repro_runs_the_embedded_default(repo: Path):
     for task in ("image", "speech", "text"):
         assert any(line.startswith(task + " ") for line in summary.splitlines()), (task, summary)
     assert "STALE" not in summary and "MISSING" not in summary and "samples/s" in summary, summary
+
+
+def test_mlflow_ui_in_a_browser_shows_the_pipelines_runs(repo: Path, browser, tmp_path: Path):
+    """The pages a user opens in `scripts/mlflow_ui.sh` after the main command, rendered by Chromium
+    (tests/browser.py): the runs table in its d2v view, a run's params, metrics and loss plot, the
+    registry's champion, and two runs compared."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{repo.resolve()}/mlflow.db"
+    port = free_port()
+    log = open(tmp_path / "mlflow_ui.log", "w+")
+    ui = subprocess.Popen(["bash", "scripts/mlflow_ui.sh"], cwd=repo, stdout=log, stderr=subprocess.STDOUT,
+                          env=dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", MLFLOW_TRACKING_URI=uri,
+                                   MLFLOW_PORT=str(port)), start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{base}/health", ui, tmp_path / "mlflow_ui.log")
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("d2v").experiment_id
+        runs = {r.info.run_name: r.info.run_id for r in client.search_runs([exp])}
+        # the script's first line is the link to the runs table in the d2v view: follow it as a user would
+        link = (tmp_path / "mlflow_ui.log").read_text().splitlines()[0].rsplit(" ", 1)[-1]
+        assert link.startswith(f"{base}/#/experiments/{exp}/runs?"), link
+        text = browser.page(link, "d2v results", "pretrain", "finetune-image-pretrained", "finetune-image-random",
+                            "evaluate-image", "image-shards (", "test_accuracy", "samples_per_s")
+        assert "Traces\n0" not in text  # the model-training view, not MLflow's GenAI overview
+        # MLflow 3.17 opens its assistant panel beside every page; a user closes it once (the UI remembers)
+        browser.click_if_present('button[data-component-id="mlflow.assistant.chat_panel.close"]')
+        browser.screenshot("mlflow-runs")
+        # a run's page: its params and metrics, then its loss plot among the artifacts
+        run_page = f"{base}/#/experiments/{exp}/runs/{runs['pretrain']}"
+        ml = "?workflowType=machine_learning"
+        browser.page(run_page + ml, "pretrain", "Parameters", "train.max_steps", "Metrics", "samples_per_s", "image/loss")
+        browser.screenshot("mlflow-run")
+        browser.page(f"{run_page}/artifacts/plots/pretrain_loss.png{ml}", "pretrain_loss.png")
+        browser.wait_image("pretrain_loss.png")
+        browser.screenshot("mlflow-run-loss-plot")
+        # the registry: the encoder with its champion alias
+        browser.page(f"{base}/#/models{ml}", "d2v-encoder", "d2v-image-classifier", "champion")
+        browser.screenshot("mlflow-models")
+        # two runs side by side: the fine-tuned image classifier from pretraining and from random init
+        pair = json.dumps([runs["finetune-image-pretrained"], runs["finetune-image-random"]]).replace(" ", "")
+        browser.page(f"{base}/#/compare-runs?runs={pair}&experiments={json.dumps([exp])}&workflowType=machine_learning",
+                     "Comparing 2 Runs",
+                     "finetune-image-pretrained", "finetune-image-random", "test_accuracy")
+        browser.screenshot("mlflow-compare")
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=30)
+        log.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, f"{url} never answered:\n{log.read_text()[-3000:]}"
+            time.sleep(0.5)
 
 
 def test_dvc_exp_run_composes_params_from_conf(repo: Path):

@@ -41,6 +41,12 @@ def test_pretrain_run_is_logged(tmp_path):
     arts = {a.path for a in client.list_artifacts(res.mlflow_run_id, "pretrain")}
     assert "pretrain/checkpoint.pt" in arts and "pretrain/config.json" in arts
     assert {a.path for a in client.list_artifacts(res.mlflow_run_id, "reports")} == {"reports/m.json", "reports/h.tsv"}
+    # the loss curve as a picture on the run's page: a real PNG with the lines drawn (not a blank canvas)
+    from PIL import Image
+
+    png = client.download_artifacts(res.mlflow_run_id, "plots/pretrain_loss.png", str(tmp_path))
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.width > 300 and len(set(im.convert("RGB").getdata())) > 20
 
 
 def test_a_failed_run_is_marked_failed(tmp_path):
@@ -77,7 +83,7 @@ def test_runs_record_the_shard_sets_they_read_and_the_experiment_opens_as_model_
 
     import yaml
 
-    from d2v.tracking.mlflow_utils import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, Tracker, shard_digest
+    from d2v.tracking.mlflow_utils import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, Tracker, runs_page_url, shard_digest
 
     root = tmp_path / "data"
     for m in ("image", "text"):
@@ -102,4 +108,12 @@ def test_runs_record_the_shard_sets_they_read_and_the_experiment_opens_as_model_
     assert got == {("image-shards", "0123456789abcdef0123456789abcdef", "train"),
                    ("text-shards", shard_digest(root, "text"), "train")}
     assert json.loads(inputs[0].dataset.source)["uri"].startswith(str(root.resolve()))
-    assert client.get_experiment_by_name("d2v").tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    exp = client.get_experiment_by_name("d2v")
+    assert exp.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    # the saved runs-table view (MLflow's envelope: name, times, the UI state as a JSON string)
+    view = json.loads(exp.tags["mlflow.sharedViewState.d2v-results"])
+    assert view["name"] == "d2v results" and isinstance(view["createdAt"], int)
+    cols = json.loads(view["state"])["selectedColumns"]
+    assert {"tags.`task`", "tags.`init`", "metrics.`accuracy`", "metrics.`samples_per_s`"} <= set(cols)
+    assert runs_page_url("http://h:5000/", exp.experiment_id) == (
+        f"http://h:5000/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey=d2v-results")

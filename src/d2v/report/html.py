@@ -15,12 +15,11 @@ import base64
 import csv
 import datetime as dt
 import io
-import math
 import os
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from d2v.report.curves import by_modality, loss_figure, num
 from d2v.report.summary import TASKS, Summary, summarize
 
 
@@ -33,13 +32,6 @@ def read_tsv(path: Path) -> list[dict[str, str]]:
         return []
 
 
-def _num(v: str | None) -> float:
-    try:
-        return float(v) if v not in (None, "") else math.nan
-    except ValueError:
-        return math.nan
-
-
 def _png(fig: Any) -> str:
     import matplotlib.pyplot as plt
 
@@ -48,16 +40,6 @@ def _png(fig: Any) -> str:
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _by_modality(rows: list[dict[str, str]], x: str, y: str) -> dict[str, tuple[list[float], list[float]]]:
-    out: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
-    for r in rows:
-        xv, yv = _num(r.get(x)), _num(r.get(y))
-        if math.isfinite(xv) and math.isfinite(yv):
-            out[r.get("modality", "?")][0].append(xv)
-            out[r.get("modality", "?")][1].append(yv)
-    return dict(out)
 
 
 def pretrain_figures(plots: Path) -> tuple[list[dict[str, str]], list[str]]:
@@ -69,20 +51,15 @@ def pretrain_figures(plots: Path) -> tuple[list[dict[str, str]], list[str]]:
     figs, missing = [], []
     rows = read_tsv(plots / "pretrain_loss.tsv")
     if rows:
-        fig, ax = plt.subplots(figsize=(5.2, 3.4))
-        for m, (x, y) in _by_modality(rows, "step", "loss").items():
-            ax.plot(x, y, label=m, lw=1)
-        ax.set(xlabel="step", ylabel="loss", title="pretraining loss per modality")
-        ax.legend()
-        figs.append({"png": _png(fig), "caption": "Pretraining loss (one modality per step, round robin)."})
+        figs.append({"png": _png(loss_figure(rows)), "caption": "Pretraining loss (one modality per step, round robin)."})
         fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.2), sharey=True)
         for ax, col in zip(axes, ("target_var", "pred_var")):
-            for m, (x, y) in _by_modality(rows, "step", col).items():
+            for m, (x, y) in by_modality(rows, "step", col).items():
                 ax.plot(x, y, label=m, lw=1)
             ax.set(xlabel="step", title=col.replace("_", " "))
         axes[0].legend()
         figs.append({"png": _png(fig), "caption": "Target and prediction variance: a collapse shows as a fall to 0."})
-        speech = _by_modality(rows, "step", "local_frame_std").get("speech")
+        speech = by_modality(rows, "step", "local_frame_std").get("speech")
         if speech and speech[0]:
             fig, ax = plt.subplots(figsize=(5.2, 3.2))
             ax.plot(*speech, lw=1)
@@ -93,7 +70,7 @@ def pretrain_figures(plots: Path) -> tuple[list[dict[str, str]], list[str]]:
     probe = read_tsv(plots / "pretrain_probe.tsv")
     if probe:
         fig, ax = plt.subplots(figsize=(5.2, 3.4))
-        for m, (x, y) in _by_modality(probe, "train_seconds", "accuracy").items():
+        for m, (x, y) in by_modality(probe, "train_seconds", "accuracy").items():
             ax.plot(x, y, marker="o", label=m)
         ax.set(xlabel="training seconds (probe time excluded)", ylabel="probe accuracy (val)",
                title="online linear probe")
@@ -116,9 +93,9 @@ def downstream_figures(plots: Path) -> tuple[list[dict[str, str]], list[str]]:
     if have:
         fig, axes = plt.subplots(1, len(have), figsize=(3.6 * len(have), 3.2), squeeze=False)
         for ax, (task, rows) in zip(axes[0], have.items()):
-            x = [_num(r.get("step")) for r in rows]
+            x = [num(r.get("step")) for r in rows]
             for col, label in (("loss_pretrained", "from pretraining"), ("loss_random", "from random init")):
-                ax.plot(x, [_num(r.get(col)) for r in rows], lw=1, label=label)
+                ax.plot(x, [num(r.get(col)) for r in rows], lw=1, label=label)
             ax.set(xlabel="step", title=f"{task}: fine-tuning loss")
         axes[0][0].legend()
         figs.append({"png": _png(fig), "caption": "Fine-tuning loss, both inits, same batches."})

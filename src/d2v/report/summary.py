@@ -281,7 +281,8 @@ def render(s: Summary, mlflow_uri: str | None = None) -> str:
     if s.problems:
         out += ["", "MISSING OR UNREADABLE:"] + [f"  {x}" for x in s.problems]
     out += ["", "Look next:",
-            "  scripts/mlflow_ui.sh       runs, metrics and the model registry on http://127.0.0.1:5000"
+            "  scripts/mlflow_ui.sh       runs, metrics and the model registry on http://127.0.0.1:5000 (it prints"
+            " the link to the runs table with the d2v columns)"
             + (f" ({mlflow_uri})" if mlflow_uri else ""),
             "  scripts/prefect_server.sh  the Prefect UI on http://127.0.0.1:4200 (scripts/serve_flows.sh schedules runs)",
             "  dvc plots show             the pretraining and probe curves (dvc_plots/index.html)"]

@@ -143,6 +143,36 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# A saved view of the runs table: MLflow's UI reads the experiment tag mlflow.sharedViewState.<key>
+# when the page's URL says ?viewStateShareKey=<key> (the UI's "share view" feature). Without it the
+# table shows no param or metric column until the user picks them.
+VIEW_KEY = "d2v-results"
+VIEW_COLUMNS = ["attributes.`Dataset`", "tags.`stage`", "tags.`task`", "tags.`init`", "metrics.`test_accuracy`",
+                "metrics.`accuracy`", "metrics.`baseline_accuracy`", "metrics.`train_loss`",
+                "metrics.`samples_per_s`", "tags.`objective`"]
+VIEW_DEFINED_MS = 1796256000000  # 2026-12-03, when this view was defined: the tag only changes with it
+VIEW_STATE = json.dumps({"name": "d2v results", "createdAt": VIEW_DEFINED_MS, "updatedAt": VIEW_DEFINED_MS,
+                         "state": json.dumps({"selectedColumns": VIEW_COLUMNS, "orderByKey": "attributes.start_time",
+                                              "orderByAsc": False, "runsHiddenMode": "SHOW_ALL"})})
+
+
+def runs_page_url(base: str, experiment_id: str) -> str:
+    """The runs table of an experiment with the d2v columns, in MLflow 3's model-training view.
+
+    ``workflowType=machine_learning``: MLflow 3.17's UI otherwise opens every experiment in its GenAI
+    (traces) view, whatever the experiment's kind tag says.
+    """
+    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
+            f"?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}")
+
+
+def print_runs_page_url(base: str, experiment: str = EXPERIMENT) -> None:
+    """Print the link to the d2v runs table (scripts/mlflow_ui.sh, as the UI starts); quiet if no run yet."""
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(tracking_uri()).get_experiment_by_name(experiment)
+    if exp is not None:
+        print(f"MLflow: the {experiment} runs with their results: {runs_page_url(base, exp.experiment_id)}", flush=True)
 
 
 def shard_digest(root: str | Path, modality: str) -> str | None:
@@ -193,10 +223,11 @@ class Tracker:
         exp = with_retry("the experiment", lambda: self.client.get_experiment_by_name(experiment))
         exp_id = exp.experiment_id if exp else with_retry(
             "the experiment", lambda: self.client.create_experiment(experiment, artifact_location=artifact_root()))
-        if exp is None or exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
-            # MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view
-            with_retry("the experiment kind", lambda: self.client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG,
-                                                                                      EXPERIMENT_KIND))
+        wanted = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND,  # without it, MLflow 3 asks which kind on every visit
+                  f"mlflow.sharedViewState.{VIEW_KEY}": VIEW_STATE}
+        for key, value in wanted.items():
+            if exp is None or exp.tags.get(key) != value:
+                with_retry("the experiment's tags", lambda k=key, v=value: self.client.set_experiment_tag(exp_id, k, v))
         all_tags = {"git_commit": git_commit() or "unknown", "mlflow.runName": run_name, **(tags or {})}
         for var, tag in (("D2V_PREFECT_FLOW_RUN_ID", "prefect_flow_run_id"), ("D2V_PREFECT_DEPLOYMENT", "prefect_deployment")):
             if os.environ.get(var):  # set by flows/ when a Prefect run started this stage
@@ -275,6 +306,15 @@ class Tracker:
 
     def artifact(self, path: Path, artifact_path: str | None = None) -> None:
         with_retry(f"artifact {path}", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+
+    def figure(self, fig: Any, artifact_file: str) -> None:
+        """A matplotlib figure as a PNG artifact (shown as an image on the run's Artifacts tab); closes it."""
+        import matplotlib.pyplot as plt
+
+        try:
+            with_retry(f"figure {artifact_file}", lambda: self.client.log_figure(self.run_id, fig, artifact_file))
+        finally:
+            plt.close(fig)
 
     def finish(self, status: str = "FINISHED") -> None:
         if self._system is not None:

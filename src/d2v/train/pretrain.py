@@ -343,6 +343,10 @@ def _finish(cfg: Config, result: PretrainResult, out_dir: Path, ckpt_path: Path,
         for p in (metrics_path, history_path, probe_path):
             if p is not None and p.exists():
                 tracker.artifact(p, "reports")
+        if result.history:  # the loss curve as a picture on the run's page (the report draws the same)
+            from d2v.report.curves import loss_figure
+
+            tracker.figure(loss_figure(result.history), "plots/pretrain_loss.png")
         tracker.finish()
 
 
