@@ -66,3 +66,21 @@ def test_describe_counts_parameters():
 def test_compose_prints_yaml():
     r = d2v("compose", "experiment=text_base")
     assert r.returncode == 0 and "vocab_size: 50265" in r.stdout
+
+
+def test_progress_bars_only_at_a_terminal(monkeypatch):
+    """Bars for a person at a terminal; piped into a log (dvc repro, Prefect, CI) stages log lines."""
+    import argparse
+    import io
+    import os
+
+    from d2v.cli.common import show_progress
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a pipe or a file
+    assert not show_progress(argparse.Namespace(no_progress=False))
+    leader, follower = os.openpty()  # a real terminal
+    with os.fdopen(follower, "w") as tty:
+        monkeypatch.setattr(sys, "stderr", tty)
+        assert show_progress(argparse.Namespace(no_progress=False))
+        assert not show_progress(argparse.Namespace(no_progress=True))
+    os.close(leader)

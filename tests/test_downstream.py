@@ -199,7 +199,7 @@ def test_finetune_evaluate_round_trip(image_root, tmp_path):
     assert ft_run.data.tags["init"] == "pretrained"
 
 
-def test_same_budget_same_batches(image_root, tmp_path):
+def test_same_budget_same_batches(image_root, tmp_path, capsys):
     """Both inits see the same batches: two runs from the same init are identical."""
     cfg = make_cfg(image_root, tmp_path, init="random", steps=5)
     train = load_split(image_root, "image", "train")
@@ -209,6 +209,10 @@ def test_same_budget_same_batches(image_root, tmp_path):
         clf = Classifier(Data2Vec2(cfg.model), "image", 2)
         losses.append(ft.train_classifier(clf, train, cfg.finetune.image, 7, torch.device("cpu"), progress=False))
     assert losses[0] == losses[1]
+    # without a bar (a log: dvc repro, Prefect) a line per tenth of the steps, with its numbers
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("finetune: step ")]
+    assert [x.split()[2] for x in lines] == ["1/5", "2/5", "3/5", "4/5", "5/5"] * 2
+    assert f"loss {losses[0][-1]:.4f}" in lines[4] and "samples/s" in lines[4]
 
 
 def test_batch_pool_norm_standardises_features_and_round_trips(image_root, tmp_path):

@@ -46,6 +46,17 @@ def config_from_args(ns: argparse.Namespace) -> Config:
     return load_config(ns.overrides, config_name=ns.config_name)
 
 
+def add_progress_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true",
+                   help="log lines instead of progress bars (the default when stderr is not a terminal)")
+
+
+def show_progress(ns: argparse.Namespace) -> bool:
+    """Progress bars only for a person at a terminal: piped into a log (dvc repro, Prefect, CI), a
+    bar's carriage returns would pile up as one unreadable line, so stages log lines instead."""
+    return not getattr(ns, "no_progress", False) and sys.stderr.isatty()
+
+
 def reports_root(model_dir: str | Path) -> Path:
     """Where a stage's reports go: ``reports/`` for the pipeline's model folders (``models/...``, what
     the DVC stages write), else a ``reports/`` folder beside the models (``runs/reports`` for a

@@ -16,14 +16,14 @@ import argparse
 import json
 from pathlib import Path
 
-from d2v.cli.common import add_config_args, config_from_args, run_cli
+from d2v.cli.common import add_config_args, add_progress_arg, config_from_args, run_cli, show_progress
 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="d2v download", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modality", required=True, choices=["image", "speech", "text"])
     add_config_args(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_arg(p)
     ns = p.parse_intermixed_args(argv)
 
     def run() -> int:
@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
             from d2v.data.sources.speech import download_speech as fn
         else:
             from d2v.data.sources.text import download_text as fn
-        summary = fn(getattr(cfg.data, ns.modality), root, cfg.seed, progress=not ns.no_progress)
+        summary = fn(getattr(cfg.data, ns.modality), root, cfg.seed, progress=show_progress(ns))
         out = Path("reports/data") / f"download_{ns.modality}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(summary, indent=2, default=str))

@@ -20,7 +20,7 @@ import json
 import time
 from pathlib import Path
 
-from d2v.cli.common import run_cli
+from d2v.cli.common import add_progress_arg, run_cli, show_progress
 
 
 def main(argv: list[str]) -> int:
@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--limit", type=int, default=None, help="encode only the first N items")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable items (listed at the end) instead of failing")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_arg(p)
     ns = p.parse_args(argv)
 
     def run() -> int:
@@ -77,7 +77,7 @@ def main(argv: list[str]) -> int:
         mod, items = collect_inputs(inputs, modality, allowed=enc.modalities, limit=ns.limit)
         t1 = time.perf_counter()
         res = enc.encode_items(items, pooling=ns.pooling, layer=ns.layer, batch_size=ns.batch_size,
-                               progress=not ns.no_progress, on_error="skip" if ns.skip_bad else "raise")
+                               progress=show_progress(ns), on_error="skip" if ns.skip_bad else "raise")
         t2 = time.perf_counter()
         files = write_embeddings(res, ns.out)
         for key, why in res.skipped:

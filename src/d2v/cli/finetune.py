@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from d2v.cli.common import add_config_args, config_from_args, reports_root, run_cli
+from d2v.cli.common import add_config_args, add_progress_arg, config_from_args, reports_root, run_cli, show_progress
 from d2v.models.config import MODALITIES
 
 
@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="d2v finetune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, choices=MODALITIES, help="the downstream task (one per modality)")
     add_config_args(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_arg(p)
     p.add_argument("--metrics", type=Path, default=None, help="metrics JSON (default <reports>/metrics/finetune_<task>.json)")
     p.add_argument("--history", type=Path, default=None, help="loss TSV (default <reports>/plots/finetune_<task>.tsv)")
     ns = p.parse_intermixed_args(argv)
@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
 
         cfg = config_from_args(ns)
         root = reports_root(cfg.finetune.out_dir)
-        runs = finetune_task(cfg, ns.task, progress=not ns.no_progress,
+        runs = finetune_task(cfg, ns.task, progress=show_progress(ns),
                              metrics_path=ns.metrics or root / f"metrics/finetune_{ns.task}.json",
                              history_path=ns.history or root / f"plots/finetune_{ns.task}.tsv")
         print(json.dumps({k: {"val_accuracy": r.val_accuracy, "out_dir": r.out_dir, "mlflow_run_id": r.mlflow_run_id}

@@ -25,7 +25,7 @@ import json
 import os
 from pathlib import Path
 
-from d2v.cli.common import add_config_args, config_from_args, run_cli
+from d2v.cli.common import add_config_args, add_progress_arg, config_from_args, run_cli, show_progress
 
 # The `pretrain` stage's metrics and plots in dvc.yaml: written only when asked to (--params, as the
 # stage runs it, or these flags), so a quick run from the project root leaves the pipeline's alone.
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
                    help="continue from <train.out_dir>/checkpoint.pt if present (from step 0, with a note, if not)")
     p.add_argument("--resume-from", type=Path, default=None, metavar="CHECKPOINT",
                    help="continue from this checkpoint file (an error if it does not exist)")
-    p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    add_progress_arg(p)
     p.add_argument("--metrics", type=Path, default=None,
                    help=f"metrics JSON output (default: with --params {STAGE_METRICS}, the DVC stage's; "
                         "otherwise <train.out_dir>/metrics.json)")
@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
 
         cfg = config_from_args(ns)
         metrics, history, probe = report_paths(cfg, ns.params is not None, ns.metrics, ns.history)
-        res = pretrain(cfg, resume=ns.resume_from or ns.resume, progress=not ns.no_progress, metrics_path=metrics,
+        res = pretrain(cfg, resume=ns.resume_from or ns.resume, progress=show_progress(ns), metrics_path=metrics,
                        history_path=history, probe_path=probe)
         if os.environ.get("RANK", "0") == "0":  # once under torchrun (rank 0)
             final_probe = {r["modality"]: r["accuracy"] for r in res.probes if r["step"] == res.steps}

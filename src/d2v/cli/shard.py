@@ -12,14 +12,14 @@ import argparse
 import json
 from pathlib import Path
 
-from d2v.cli.common import add_config_args, config_from_args, run_cli
+from d2v.cli.common import add_config_args, add_progress_arg, config_from_args, run_cli, show_progress
 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="d2v shard", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modality", required=True, choices=["image", "speech", "text"])
     p.add_argument("--tokenizer", type=Path, default=Path("models/tokenizer/spm.model"))
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_arg(p)
     add_config_args(p)
     ns = p.parse_intermixed_args(argv)
 
@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
         s = cfg.data.shard
         summary = write_shards(ns.modality, Path(cfg.data.root), cfg.seed, s.maxcount, s.min_shards,
                                tokenizer_path=ns.tokenizer if ns.modality == "text" else None,
-                               sample_rate=cfg.data.speech.sample_rate, progress=not ns.no_progress)
+                               sample_rate=cfg.data.speech.sample_rate, progress=show_progress(ns))
         print(json.dumps(summary, indent=2))
         return 0
 

@@ -247,6 +247,9 @@ class Tracker:
             # by MLflow's monitor thread every `system_interval_s` seconds.
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+            # its start/stop INFO lines ("Skip logging GPU metrics", ...) in every stage's output say nothing
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+
             self._system = SystemMetricsMonitor(self.run_id, sampling_interval=system_interval_s,
                                                 tracking_uri=tracking_uri())
             self._system.start()

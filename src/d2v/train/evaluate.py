@@ -30,11 +30,15 @@ from d2v.train.probe import linear_probe
 
 
 @torch.no_grad()
-def extract(clf: Classifier, data: LabelledSplit, batch_size: int, device: torch.device) -> np.ndarray:
+def extract(clf: Classifier, data: LabelledSplit, batch_size: int, device: torch.device, progress: bool = False,
+            desc: str = "features") -> np.ndarray:
     """Frozen mean-pooled features, (N, D) float64."""
+    from tqdm import tqdm
+
     clf.to(device).eval()
     out = []
-    for i in range(0, len(data), batch_size):
+    for i in tqdm(range(0, len(data), batch_size), desc=desc, disable=not progress, unit="batch", leave=False,
+                  dynamic_ncols=True):
         src = data.source[i : i + batch_size].to(device)
         lengths = data.lengths[i : i + batch_size] if data.lengths is not None else None
         out.append(clf.features(src, lengths).float().cpu().numpy())
@@ -70,7 +74,8 @@ def plot_confusion(m: np.ndarray, names: list[str], title: str, path: Path) -> N
 
 
 def evaluate_task(cfg: Config, task: str, metrics_path: Path | None = None,
-                  plot_path: Path | None = None, finetune_report: Path | None = None) -> dict[str, Any]:
+                  plot_path: Path | None = None, finetune_report: Path | None = None,
+                  progress: bool = False) -> dict[str, Any]:
     ft, tc, device = task_setup(cfg, task)
     t0 = time.perf_counter()
     clf, meta = load_classifier(Path(ft.out_dir) / task / "pretrained")
@@ -92,10 +97,15 @@ def evaluate_task(cfg: Config, task: str, metrics_path: Path | None = None,
 
     y_tr, y_te = probe_train.label.numpy(), test.label.numpy()
     for key, init in (("probe_accuracy", ft.init), ("probe_baseline_accuracy", "random")):
+        t_probe = time.perf_counter()
         backbone = load_backbone(init, cfg.model, cfg.seed)
         feat = Classifier(backbone, task, max(2, len(names)))
-        report[key] = linear_probe(extract(feat, probe_train, 256, device), y_tr,
-                                   extract(feat, test, 256, device), y_te, tc.probe_c)
+        which = "pretrained" if key == "probe_accuracy" else "random init"
+        report[key] = linear_probe(extract(feat, probe_train, 256, device, progress, f"{task} probe ({which}): train"),
+                                   y_tr, extract(feat, test, 256, device, progress, f"{task} probe ({which}): test"),
+                                   y_te, tc.probe_c)
+        print(f"{task} linear probe ({which} encoder, {len(probe_train)} -> {len(test)} samples): accuracy "
+              f"{report[key]:.4f} ({time.perf_counter() - t_probe:.0f} s)", flush=True)
     report["seconds"] = time.perf_counter() - t0
 
     if finetune_report is not None and finetune_report.is_file():

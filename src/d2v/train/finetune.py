@@ -77,6 +77,7 @@ def train_classifier(clf: Classifier, train: LabelledSplit, tc: TaskConfig, seed
     clf.check_data(train)
     losses: list[float] = []
     bar = tqdm(range(tc.steps), desc=desc, disable=not progress, unit="step", dynamic_ncols=True)
+    every, t0 = max(1, tc.steps // 10), time.perf_counter()
     for step in bar:
         lr = lr_at(step, tc.lr, tc.warmup_steps, tc.steps, tc.min_lr)
         for g in opt.param_groups:
@@ -95,8 +96,12 @@ def train_classifier(clf: Classifier, train: LabelledSplit, tc: TaskConfig, seed
         losses.append(float(loss.detach()))
         if tracker is not None:
             tracker.log({"train_loss": losses[-1], "lr": lr}, step + 1)
+        sps = (step + 1) * tc.batch_size / max(1e-9, time.perf_counter() - t0)
         if progress:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.1e}")
+            bar.set_postfix({"loss": f"{losses[-1]:.3f}", "lr": f"{lr:.1e}", "samples/s": f"{sps:.0f}"})
+        elif (step + 1) % every == 0 or step + 1 == tc.steps:  # a log (dvc repro, Prefect): ten lines a run
+            print(f"{desc}: step {step + 1}/{tc.steps} loss {losses[-1]:.4f} lr {lr:.2e} samples/s {sps:.0f}",
+                  flush=True)
     return losses
 
 

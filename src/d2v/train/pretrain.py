@@ -226,8 +226,9 @@ def _pretrain(cfg: Config, info: DistInfo, resume, progress: bool, metrics_path,
             result.probes.append({"step": step, "train_seconds": round(secs, 3), "modality": m, "accuracy": acc})
         if tracker is not None:
             tracker.log({f"probe/{m}": acc for m, acc in accs.items()} | {"train_seconds": secs}, step)
-        print(f"probe at step {step} ({secs:.0f} s of training, {probe.seconds + probe.load_seconds:.0f} s of "
-              f"probing so far): " + ", ".join(f"{m} {a:.3f}" for m, a in accs.items()), flush=True)
+        # tqdm.write: above the progress bar, not through it
+        tqdm.write(f"probe at step {step} ({secs:.0f} s of training, {probe.seconds + probe.load_seconds:.0f} s of "
+                   f"probing so far): " + ", ".join(f"{m} {a:.3f}" for m, a in accs.items()))
 
     # ------------------------------------------------------------------ the loop
     times: dict[str, list[float]] = {m: [] for m in t.modalities}
@@ -278,6 +279,7 @@ def _pretrain(cfg: Config, info: DistInfo, resume, progress: bool, metrics_path,
                 _log_step(t, tracker, bar, progress, row, s, sps, sps * copies)
             if probe is not None and (done % t.probe_every == 0 or last):
                 run_probe(done)
+                bar.unpause()  # the bar's rate and ETA leave the probe's seconds out, as train_seconds does
             if t.ckpt_every and done % t.ckpt_every == 0 and not last:
                 save(done)
                 last_good = done
@@ -321,7 +323,7 @@ def _log_step(t: Any, tracker: Any, bar: tqdm, progress: bool, row: dict, s: Ste
                            "speech/local_frame_std": s.local[2]})
         tracker.log(logged, step)
     if progress:
-        bar.set_postfix(mod=m[:2], loss=f"{s.loss:.3f}", lr=f"{row['lr']:.1e}", sps=f"{sps:.1f}")
+        bar.set_postfix({"modality": m, "loss": f"{s.loss:.3f}", "lr": f"{row['lr']:.1e}", "samples/s": f"{sps:.1f}"})
     elif t.log_every and step % t.log_every == 0:
         print(f"step {step}/{t.max_steps} {m} loss {s.loss:.4f} lr {row['lr']:.2e} "
               f"tvar {s.target_var:.3f} pvar {s.pred_var:.3f} samples/s {sps:.1f} copies/s {cps:.1f}", flush=True)
