@@ -265,6 +265,72 @@ def test_imagenet_folder_missing(tmp_path):
         img.download_image(cfg, tmp_path / "d", seed=0, progress=False)
 
 
+# ---------------------------------------------------------------------------------------- image_folder
+
+
+def test_image_folder_of_class_folders_is_labelled_split_seeded_and_accepted_downstream(tmp_path):
+    """Your own ImageFolder tree (<class>/<file>): read in place through a link, labels from the
+    folder names, bad files quarantined, val/test held out by seed, then validated and sharded."""
+    from d2v.data.shards import write_shards
+    from d2v.data.validation import validate_modality
+
+    folder = make_image_folder(tmp_path) / "train"  # n01_cat/ (3 + broken.jpg), n02_dog/ (3 + cut.JPEG)
+    before = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+    cfg = ImageDataConfig(dataset="image_folder", folder=str(folder), val_count=1)
+    s = img.download_image(cfg, tmp_path / "d", seed=0, progress=False)
+    assert s["counts"] == {"train": 4, "val": 1, "test": 1} and s["classes"] == 2 and s["labelled"] is True
+    q = {Path(r["path"]).name: r["reason"] for r in quarantine(tmp_path / "d", "image")}
+    assert set(q) == {"broken.jpg", "cut.JPEG"}
+    rows = manifests(tmp_path / "d", "image")
+    assert_keys_disjoint(rows)
+    base = tmp_path / "d/raw/image"
+    assert (base / "image_folder").is_symlink() and (base / "image_folder").resolve() == folder.resolve()
+    for r in rows["train"] + rows["val"] + rows["test"]:
+        assert (base / r["path"]).is_file() and r["label"] == Path(r["path"]).parent.name
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before  # the user's files untouched
+    held_out = set()
+    for seed in range(1, 5):  # the held-out images depend on the seed
+        img.download_image(cfg, tmp_path / f"s{seed}", seed=seed, progress=False)
+        held_out.add(tuple(r["key"] for d in ("val", "test") for r in manifests(tmp_path / f"s{seed}", "image")[d]))
+    assert len(held_out) > 1
+    again = img.download_image(cfg, tmp_path / "f", seed=0, progress=False)
+    assert again["counts"] == s["counts"] and manifests(tmp_path / "f", "image") == rows  # same seed, same split
+    report = validate_modality("image", tmp_path / "d", tmp_path / "v.json")
+    assert report["success"] is True, report
+    sh = write_shards("image", tmp_path / "d", seed=0, maxcount=4, min_shards=1, progress=False)
+    assert sh["labels"] == ["n01_cat", "n02_dog"] and sum(v["samples"] for v in sh["splits"].values()) == 6
+
+
+def test_a_flat_image_folder_is_unlabelled_and_a_mixed_one_is_refused(tmp_path):
+    from PIL import Image
+
+    from d2v.data.shards import write_shards
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(flat / f"photo_{i}.png")
+    cfg = ImageDataConfig(dataset="image_folder", folder=str(flat), val_count=100)
+    s = img.download_image(cfg, tmp_path / "d", seed=0, progress=False)
+    assert s["counts"] == {"train": 6, "val": 2, "test": 2}  # held out: at most a fifth each
+    assert s["labelled"] is False and "pretraining" in s["notes"][0]
+    assert all(r["label"] == "" for rows in manifests(tmp_path / "d", "image").values() for r in rows)
+    sh = write_shards("image", tmp_path / "d", seed=0, maxcount=8, min_shards=1, progress=False)
+    assert sh["labels"] == []  # every sample's cls is -1: pretraining only
+    (flat / "cats").mkdir()
+    with pytest.raises(InputError, match=r"flat.*both files .*and subfolders \(cats/"):
+        img.download_image(cfg, tmp_path / "e", seed=0, progress=False)
+    empty = tmp_path / "empty"
+    (empty / "cats").mkdir(parents=True)
+    (empty / "cats" / "readme.txt").write_text("no images here")
+    with pytest.raises(InputError, match=r"empty: no JPEG/PNG images found"):
+        img.download_image(ImageDataConfig(dataset="image_folder", folder=str(empty)), tmp_path / "g", seed=0,
+                           progress=False)
+    with pytest.raises(ConfigError, match="data.image.folder must be set"):
+        img.download_image(ImageDataConfig(dataset="image_folder"), tmp_path / "h", seed=0, progress=False)
+
+
 # ------------------------------------------------------------------------------------------ text: parsers
 
 

@@ -730,6 +730,11 @@ class _RecordingTracker:
     def artifact(self, *a, **k):
         pass
 
+    def figure(self, fig, artifact_file):
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
     def finish(self, status="FINISHED"):
         self.status = status
 
@@ -863,7 +868,7 @@ def test_servers_bind_to_loopback():
         for m in re.finditer(r"(mlflow (ui|server)|prefect server start) +--[^\n]*", t):  # command lines
             assert "--host 127.0.0.1" in m.group(0), f"{p.relative_to(ROOT)}: {m.group(0)!r}"
     started = [m.group(0) for t in texts.values() for m in re.finditer(r"(mlflow (ui|server)|prefect server start) +--", t)]
-    assert len(started) >= 3  # the README's MLflow UI and the two scripts at least
+    assert len(started) >= 2  # the two scripts (scripts/mlflow_ui.sh, scripts/prefect_server.sh) at least
 
 
 # Download call sites without a checksum argument, and what verifies the file before use instead.

@@ -116,7 +116,8 @@ def test_mlflow_ui_in_a_browser_shows_the_pipelines_runs(repo: Path, browser, tm
     uri = f"sqlite:///{repo.resolve()}/mlflow.db"
     port = free_port()
     log = open(tmp_path / "mlflow_ui.log", "w+")
-    ui = subprocess.Popen(["bash", "scripts/mlflow_ui.sh"], cwd=repo, stdout=log, stderr=subprocess.STDOUT,
+    script = Path(__file__).resolve().parents[1] / "scripts/mlflow_ui.sh"  # the project's; it serves the repo's store
+    ui = subprocess.Popen(["bash", str(script)], cwd=repo, stdout=log, stderr=subprocess.STDOUT,
                           env=dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", MLFLOW_TRACKING_URI=uri,
                                    MLFLOW_PORT=str(port)), start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -152,8 +153,9 @@ def test_mlflow_ui_in_a_browser_shows_the_pipelines_runs(repo: Path, browser, tm
                      "finetune-image-pretrained", "finetune-image-random", "test_accuracy")
         browser.screenshot("mlflow-compare")
     finally:
-        os.killpg(ui.pid, signal.SIGTERM)
-        ui.wait(timeout=30)
+        if ui.poll() is None:
+            os.killpg(ui.pid, signal.SIGTERM)
+            ui.wait(timeout=30)
         log.close()
 
 

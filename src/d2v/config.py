@@ -114,25 +114,35 @@ class TrainConfig:
 @dataclass
 class ImageDataConfig:
     """``fashion_mnist``: Debian's package or the official files (IDX, checksummed);
-    ``imagenet_folder``: an ImageNet-style ``<folder>/{train,val}/<class>/*.JPEG`` tree the user provides."""
+    ``imagenet_folder``: an ImageNet-style ``<folder>/{train,val}/<class>/*.JPEG`` tree the user provides;
+    ``image_folder``: your own ``<folder>/<class>/*`` (labelled) or ``<folder>/*`` (unlabelled) images."""
 
     dataset: str = "fashion_mnist"
-    folder: str = ""  # for imagenet_folder
+    folder: str = ""  # for imagenet_folder and image_folder
     val_count: int = 5000  # held out from the official train split (seeded); test = the official test split
     max_train: int = 0  # 0: all
 
     def validate(self) -> ImageDataConfig:
-        _need(self.dataset in ("fashion_mnist", "imagenet_folder"), "data.image.dataset",
-              f"fashion_mnist|imagenet_folder, got {self.dataset!r}")
+        _need(self.dataset in ("fashion_mnist", "imagenet_folder", "image_folder"), "data.image.dataset",
+              f"fashion_mnist|imagenet_folder|image_folder, got {self.dataset!r}")
         _need(self.val_count >= 0, "data.image.val_count", f"must be >= 0, got {self.val_count}")
         _need(self.max_train >= 0, "data.image.max_train", f"must be >= 0 (0: all), got {self.max_train}")
         return self
 
 
+def _check_fractions(prefix: str, val_fraction: float, test_fraction: float) -> None:
+    """Held-out fractions: each in [0, 1), and something left for train."""
+    for name, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        _need(0 <= v < 1, f"{prefix}.{name}", f"must be in [0, 1), got {v}")
+    _need(val_fraction + test_fraction < 1, f"{prefix}.val_fraction + {prefix}.test_fraction",
+          f"must be < 1 (something must be left for train), got {val_fraction + test_fraction}")
+
+
 @dataclass
 class SpeechDataConfig:
     """``espeak_words``: spoken words synthesised with espeak-ng (no download beyond PyPI);
-    ``librispeech``: LibriSpeech subsets from openslr.org (needs internet)."""
+    ``librispeech``: LibriSpeech subsets from openslr.org (needs internet);
+    ``audio_folder``: your own audio files under ``folder`` (optional ``labels.csv``)."""
 
     dataset: str = "espeak_words"
     num_words: int = 35  # the Speech Commands v2 vocabulary, first N
@@ -144,30 +154,39 @@ class SpeechDataConfig:
     test_voices: list[str] = field(default_factory=lambda: ["en-gb-scotland+m5", "en-us+klatt"])  # held out for test
     sample_rate: int = 16000
     subsets: list[str] = field(default_factory=lambda: ["train-clean-100", "dev-clean", "test-clean"])  # librispeech
+    folder: str = ""  # audio_folder: .wav/.flac/.ogg/.mp3 files under it (recursive), optional labels.csv
+    val_fraction: float = 0.1  # audio_folder: files held out (seeded) for val ...
+    test_fraction: float = 0.1  # ... and for test
 
     def validate(self) -> SpeechDataConfig:
-        _need(self.dataset in ("espeak_words", "librispeech"), "data.speech.dataset",
-              f"espeak_words|librispeech, got {self.dataset!r}")
+        _need(self.dataset in ("espeak_words", "librispeech", "audio_folder"), "data.speech.dataset",
+              f"espeak_words|librispeech|audio_folder, got {self.dataset!r}")
         _need(self.sample_rate > 0, "data.speech.sample_rate", f"must be > 0 Hz, got {self.sample_rate}")
+        _need(self.dataset != "audio_folder" or bool(self.folder), "data.speech.folder",
+              "must be set (the folder holding your audio files) for data.speech.dataset=audio_folder")
+        _check_fractions("data.speech", self.val_fraction, self.test_fraction)
         return self
 
 
 @dataclass
 class TextDataConfig:
     """``kjv_rt``: KJV Bible + a Wikipedia sample (pretraining) and Rotten-Tomatoes snippets (labelled);
-    ``wikitext103``: WikiText-103 raw (needs internet)."""
+    ``wikitext103``: WikiText-103 raw (needs internet);
+    ``text_files``: your own ``.txt`` / ``.jsonl`` files under ``folder`` (optional ``labels.csv``)."""
 
     dataset: str = "kjv_rt"
     min_chars: int = 8
     max_chars: int = 2000
     val_fraction: float = 0.05
     test_fraction: float = 0.05
+    folder: str = ""  # text_files: .txt (a record per line) and .jsonl ({"text", "label"}) files under it
 
     def validate(self) -> TextDataConfig:
-        _need(self.dataset in ("kjv_rt", "wikitext103"), "data.text.dataset", f"kjv_rt|wikitext103, got {self.dataset!r}")
-        for name in ("val_fraction", "test_fraction"):
-            v = getattr(self, name)
-            _need(0 <= v < 1, f"data.text.{name}", f"must be in [0, 1), got {v}")
+        _need(self.dataset in ("kjv_rt", "wikitext103", "text_files"), "data.text.dataset",
+              f"kjv_rt|wikitext103|text_files, got {self.dataset!r}")
+        _need(self.dataset != "text_files" or bool(self.folder), "data.text.folder",
+              "must be set (the folder holding your .txt/.jsonl files) for data.text.dataset=text_files")
+        _check_fractions("data.text", self.val_fraction, self.test_fraction)
         _need(0 <= self.min_chars <= self.max_chars, "data.text.min_chars",
               f"need 0 <= min_chars <= max_chars, got {self.min_chars} / {self.max_chars}")
         return self

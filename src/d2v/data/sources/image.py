@@ -18,6 +18,10 @@ folder is linked (symlink) as ``<root>/raw/image/imagenet_folder`` so that manif
 relative to ``<root>/raw/image``; each image is opened and decoded with PIL (JPEGs in draft mode, which
 still reads the whole file) so that unreadable or truncated files go to the quarantine file. The
 official val split is halved (seeded) into ``val`` and ``test``.
+
+``image_folder``: your own images, read in place the same way: ``cfg.folder`` holds ``<class>/<file>``
+(an ImageFolder tree, labelled by folder) or only ``<file>`` entries (unlabelled, for pretraining);
+``val_count`` images each (seeded, at most a fifth each) become ``val`` and ``test``.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ FMNIST_DEB_SUBDIR = Path("usr/share/datasets/fashion-mnist")
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png"}
 IMAGE_FOLDER_LINK = "imagenet_folder"
+FOLDER_LINKS = {"imagenet_folder": IMAGE_FOLDER_LINK, "image_folder": "image_folder"}  # names under raw/image
 
 _IDX_UBYTE = 0x08  # IDX type code (third magic byte) of unsigned bytes, the only type MNIST-style files use
 
@@ -282,18 +287,16 @@ def _probe_image(path: Path) -> tuple[int, int] | str:
         return f"truncated: {msg}" if "truncated" in msg.lower() else f"unreadable: {type(e).__name__}: {msg}"
 
 
-def _download_imagenet_folder(cfg: ImageDataConfig, root: Path, seed: int, progress: bool):
+def _link_folder(cfg: ImageDataConfig, root: Path) -> tuple[Path, Path]:
+    """The user's folder, checked, and its symlink under ``<root>/raw/image`` (read in place, never copied)."""
     if not cfg.folder:
-        raise ConfigError("data.image.folder must be set for data.image.dataset=imagenet_folder")
+        raise ConfigError(f"data.image.folder must be set for data.image.dataset={cfg.dataset}")
     folder = Path(cfg.folder).expanduser().resolve()
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder} (data.image.folder)")
-    for sub in ("train", "val"):
-        if not (folder / sub).is_dir():
-            raise FileNotFoundError(f"image folder {folder} has no {sub}/ subfolder (expected {sub}/<class>/*)")
     base = raw_dir(root, "image")
     base.mkdir(parents=True, exist_ok=True)
-    link = base / IMAGE_FOLDER_LINK
+    link = base / FOLDER_LINKS[cfg.dataset]
     if link.is_symlink() or link.exists():
         if link.is_symlink() and link.resolve() == folder:
             pass
@@ -303,58 +306,76 @@ def _download_imagenet_folder(cfg: ImageDataConfig, root: Path, seed: int, progr
             raise FileExistsError(f"{link} exists and is not a symlink; remove it to use data.image.folder={folder}")
     if not link.is_symlink():
         link.symlink_to(folder, target_is_directory=True)
+    return folder, link
 
+
+def _scan(folder: Path, link_name: str, subs: list[str], depth: int, layout: str
+          ) -> tuple[list[tuple[str, str, str, Path]], list[dict]]:
+    """Image files under ``folder/<sub>`` for each sub ("" = the folder itself) at ``depth`` levels
+    (2: ``<class>/<file>``, labelled by the class folder; 1: files directly inside, unlabelled).
+    Returns (sub, label, key, path) items and the quarantined entries (links, misplaced, other types)."""
     quarantine: list[dict] = []
-    items: list[tuple[str, str, str, Path]] = []  # (official split, label, key, file)
+    items: list[tuple[str, str, str, Path]] = []
     used_keys: set[str] = set()
-    for sub in ("train", "val"):
-        for p in sorted((folder / sub).rglob("*")):
+    for sub in subs:
+        top = folder / sub if sub else folder
+        for p in sorted(top.rglob("*")):
             if p.is_dir() and not p.is_symlink():
                 continue
-            rel = p.relative_to(folder / sub)
+            rel = p.relative_to(top)
             stem_key = _KEY_BAD.sub("_", str(rel.with_suffix("")).replace(os.sep, "-"))
-            key = f"img-{sub}-{stem_key}"
+            key = f"img-{sub}-{stem_key}" if sub else f"img-{stem_key}"
             k, n = key, 1
             while k in used_keys:
                 n += 1
                 k = f"{key}-{n}"
             used_keys.add(k)
-            relpath = f"{IMAGE_FOLDER_LINK}/{sub}/{rel.as_posix()}"
+            relpath = "/".join(x for x in (link_name, sub, rel.as_posix()) if x)
             if p.is_symlink():  # not followed: it may point anywhere (outside the folder, a device ...)
                 quarantine.append({"key": k, "path": relpath, "reason": f"symbolic link (to {os.readlink(p)!r}): "
                                    "links in the image folder are not followed; copy the file instead"})
-            elif len(rel.parts) != 2:
-                quarantine.append({"key": k, "path": relpath, "reason": f"not directly inside a class folder ({sub}/<class>/<file>)"})
+            elif len(rel.parts) != depth:
+                quarantine.append({"key": k, "path": relpath, "reason": f"not directly inside a class folder or the folder ({layout})"})
             elif p.suffix.lower() not in IMAGE_EXTS:
                 why = f"unsupported file type {p.suffix or '(none)'!r} (JPEG/PNG expected)"
                 quarantine.append({"key": k, "path": relpath, "reason": why})
             else:
-                items.append((sub, rel.parts[0], k, p))
+                items.append((sub, rel.parts[0] if depth == 2 else "", k, p))
+    return items, quarantine
 
-    def probe(it):
-        return _probe_image(it[3])
 
+def _probe_all(folder: Path, link_name: str, items: list[tuple[str, str, str, Path]], progress: bool,
+               quarantine: list[dict]) -> list[dict]:
+    """Decode every image (threads); readable ones become manifest rows, the rest are quarantined."""
     workers = min(16, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as ex:
-        results = ex.map(probe, items, chunksize=64)
+        results = ex.map(lambda it: _probe_image(it[3]), items, chunksize=64)
         if progress:
             from tqdm import tqdm
 
             results = tqdm(results, total=len(items), desc="images", unit="img", file=sys.stderr)
         results = list(results)
-
-    good: dict[str, list[dict]] = {"train": [], "val": []}
+    good = []
     for (sub, label, key, p), res in zip(items, results):
-        relpath = f"{IMAGE_FOLDER_LINK}/{sub}/{p.relative_to(folder / sub).as_posix()}"
+        relpath = f"{link_name}/{p.relative_to(folder).as_posix()}"
         if isinstance(res, str):
             quarantine.append({"key": key, "path": relpath, "reason": res})
             continue
-        good[sub].append({"key": key, "split": "", "label": label, "path": relpath,
-                          "offset": -1, "width": res[0], "height": res[1]})
+        good.append({"key": key, "split": sub, "label": label, "path": relpath, "offset": -1,
+                     "width": res[0], "height": res[1]})
+    return good
+
+
+def _download_imagenet_folder(cfg: ImageDataConfig, root: Path, seed: int, progress: bool):
+    folder, link = _link_folder(cfg, root)
+    for sub in ("train", "val"):
+        if not (folder / sub).is_dir():
+            raise FileNotFoundError(f"image folder {folder} has no {sub}/ subfolder (expected {sub}/<class>/*)")
+    items, quarantine = _scan(folder, link.name, ["train", "val"], 2, "<split>/<class>/<file>")
+    good = _probe_all(folder, link.name, items, progress, quarantine)
     rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    for r in good["train"]:
-        rows["train"].append({**r, "split": "train"})
-    val = good["val"]
+    rows["train"] = [{**r, "split": "train"} for r in good if r["split"] == "train"]
+    val = [r for r in good if r["split"] == "val"]
     perm = np.random.default_rng(seed).permutation(len(val))
     n_val = len(val) // 2
     is_val = np.zeros(len(val), dtype=bool)
@@ -369,6 +390,40 @@ def _download_imagenet_folder(cfg: ImageDataConfig, root: Path, seed: int, progr
         "notes": [f"{len(unseen)} val classes have no train images: {unseen[:10]}"] if unseen else [],
         "classes": len(train_classes),
     }
+    return info, rows, quarantine
+
+
+def _download_image_folder(cfg: ImageDataConfig, root: Path, seed: int, progress: bool):
+    """Your own images: ``<folder>/<class>/<file>`` (labelled by the class folder; an ImageFolder tree)
+    or ``<folder>/<file>`` (unlabelled: pretraining only). ``val_count`` images each (seeded, at most a
+    fifth of the folder each) are held out as ``val`` and ``test``."""
+    folder, link = _link_folder(cfg, root)
+    entries = sorted(folder.iterdir())
+    top_files = [p for p in entries if not p.is_dir()]
+    class_dirs = [p for p in entries if p.is_dir() and not p.is_symlink()]
+    if class_dirs and top_files:
+        raise InputError(f"image folder {folder}: has both files ({top_files[0].name}, ...) and subfolders "
+                         f"({class_dirs[0].name}/, ...) at the top; use either <class>/<file> (labelled) or "
+                         "<file> only (unlabelled)")
+    labelled = bool(class_dirs)
+    layout = "<class>/<file>" if labelled else "<file>, no subfolders"
+    items, quarantine = _scan(folder, link.name, [""], 2 if labelled else 1, layout)
+    if not items:
+        raise InputError(f"image folder {folder}: no JPEG/PNG images found ({layout}; "
+                         f"{len(quarantine)} other entries)")
+    good = _probe_all(folder, link.name, items, progress, quarantine)
+    n_hold = min(cfg.val_count, len(good) // 5)
+    split_of = np.full(len(good), "train", dtype=object)
+    perm = np.random.default_rng(seed).permutation(len(good))
+    split_of[perm[:n_hold]] = "val"
+    split_of[perm[n_hold:2 * n_hold]] = "test"
+    rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for r, s in zip(good, split_of.tolist()):
+        rows[s].append({**r, "split": s})
+    classes = sorted({r["label"] for r in good})
+    notes = [] if labelled else ["unlabelled (no class folders): usable for pretraining, not for the image task"]
+    info = {"source": f"image folder {folder} (linked as {link})", "notes": notes,
+            "classes": len(classes) if labelled else 0, "labelled": labelled}
     return info, rows, quarantine
 
 
@@ -387,8 +442,10 @@ def download_image(cfg: ImageDataConfig, root: Path, seed: int, progress: bool =
         info, rows, quarantine = _download_fashion_mnist(cfg, root, seed, progress)
     elif cfg.dataset == "imagenet_folder":
         info, rows, quarantine = _download_imagenet_folder(cfg, root, seed, progress)
+    elif cfg.dataset == "image_folder":
+        info, rows, quarantine = _download_image_folder(cfg, root, seed, progress)
     else:
-        raise ConfigError(f"data.image.dataset={cfg.dataset!r}: expected 'fashion_mnist' or 'imagenet_folder'")
+        raise ConfigError(f"data.image.dataset={cfg.dataset!r}: expected fashion_mnist, imagenet_folder or image_folder")
     keys: set[str] = set()
     for s in SPLITS:
         for r in rows[s]:

