@@ -340,3 +340,15 @@ def test_gx_internal_error_becomes_runtime_error(tmp_path, monkeypatch):
     monkeypatch.setattr(gx, "get_context", boom)
     with pytest.raises(RuntimeError, match="Great Expectations failed while validating the text manifests.*kaputt"):
         run(tmp_path, "text")
+
+
+def test_the_printed_summary_counts_quarantine_reasons_by_kind():
+    """Reasons that differ only in their numbers ("(5 < 8)", "(6 < 8)") are one line item when
+    printed; the report keeps every exact reason."""
+    rep = {"modality": "text", "success": True, "rows": {"train": 3}, "expectations": [],
+           "quarantined": {"count": 10, "reasons": {"shorter than min_chars (5 < 8)": 4,
+                                                    "shorter than min_chars (6 < 8)": 3,
+                                                    "longer than max_chars (2387 > 2000)": 2,
+                                                    "not UTF-8": 1}}}
+    line = next(x for x in summarize(rep).splitlines() if "quarantined" in x)
+    assert line == "  quarantined: 10 (shorter than min_chars: 7, longer than max_chars: 2, not UTF-8: 1)"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -427,7 +428,13 @@ def summarize(report: dict) -> str:
              "  rows: " + ", ".join(f"{s}={rows.get(s, 0)}" for s in (*SPLITS, "total"))]
     qline = f"  quarantined: {q.get('count', 0)}"
     if q.get("reasons"):
-        qline += " (" + ", ".join(f"{r}: {n}" for r, n in q["reasons"].items()) + ")"
+        # one count per kind of reason: "shorter than min_chars (5 < 8)" and "(6 < 8)" are one kind here
+        # (the report's JSON keeps each exact reason)
+        kinds: Counter = Counter()
+        for r, n in q["reasons"].items():
+            kinds[re.sub(r"\s*\([^()]*\)", "", r).strip() or r] += n
+        shown = kinds.most_common(6)
+        qline += " (" + ", ".join(f"{r}: {n}" for r, n in shown) + (", ..." if len(kinds) > len(shown) else "") + ")"
     lines.append(qline)
     for x in failed:
         col = f" [{x['column']}]" if x.get("column") else ""
