@@ -216,3 +216,15 @@ def test_reports_of_a_quick_finetune_go_beside_its_models_not_over_the_pipeline_
     bare = load_config()
     assert reports_root(bare.finetune.out_dir) == Path("runs/reports")
     assert reports_root("/tmp/exp1/finetune") == Path("/tmp/exp1/reports")
+
+
+@pytest.mark.parametrize("name", ["config", "pipeline"])
+def test_finetuning_starts_from_the_checkpoint_its_pretraining_writes(name):
+    """finetune.init follows train.out_dir (moving the pretraining output moves what fine-tuning loads),
+    with or without a train group that sets it; an explicit finetune.init still wins."""
+    default = load_config([], config_name=name)
+    assert default.finetune.init == f"{default.train.out_dir}/checkpoint.pt"
+    for extra in ([], ["experiment=speech_base"]):
+        moved = load_config([*extra, "train.out_dir=/elsewhere/pre"], config_name=name)
+        assert moved.finetune.init == "/elsewhere/pre/checkpoint.pt", extra
+    assert load_config(["finetune.init=/x.pt"], config_name=name).finetune.init == "/x.pt"
