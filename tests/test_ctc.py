@@ -101,30 +101,39 @@ def test_ctc_model_saves_and_loads_as_a_classifier_folder(tmp_path):
 
 
 def test_word_accuracy_and_scores():
-    from d2v.train.finetune import accuracy
+    from d2v.models.ctc import error_rates
 
     model = _model().eval()
-    data = LabelledSplit("speech", "test", torch.randn(2, SPEECH_SAMPLES), torch.tensor([0, 1]), ["a", "b"],
-                         torch.tensor([SPEECH_SAMPLES] * 2), ["up", "go"])
-    scores = model.score(data, 8, torch.device("cpu"))
-    assert scores["refs"] == ["UP", "GO"] and len(scores["hyps"]) == 2
+    data = LabelledSplit("speech", "test", torch.randn(3, SPEECH_SAMPLES), torch.tensor([0, 1, 2]), ["a", "b", "c"],
+                         torch.tensor([SPEECH_SAMPLES, SPEECH_SAMPLES, SPEECH_SAMPLES // 2]), ["up", "go", "no way"])
+    scores = model.score([data], torch.device("cpu"))
+    refs = [r for r, _ in scores["examples"]]
+    hyps = model.transcribe(data.source, data.lengths)
+    assert refs == ["UP", "GO", "NO WAY"] and [h for _, h in scores["examples"]] == hyps
+    assert scores["samples"] == 3
+    assert (scores["wer"], scores["cer"]) == pytest.approx(error_rates(hyps, refs))
     assert scores["accuracy"] == pytest.approx(1 - scores["wer"]) and 0 <= scores["cer"]
-    assert accuracy(model, data, 8, torch.device("cpu")) == pytest.approx(1 - scores["wer"])
+    # counts are additive: the same clips in two batches score exactly as in one
+    parts = [LabelledSplit("speech", "test", data.source[i], data.label[i], [data.keys[j] for j in i.tolist()],
+                           data.lengths[i], [data.texts[j] for j in i.tolist()]) for i in (torch.tensor([0]), torch.tensor([1, 2]))]
+    split = model.score(parts, torch.device("cpu"))
+    assert (split["wer"], split["cer"], split["samples"]) == (scores["wer"], scores["cer"], 3)
     cropped = LabelledSplit("speech", "train", data.source, data.label, data.keys, data.lengths, data.texts, cropped=1)
-    with pytest.raises(InputError, match="1 clip\\(s\\) are longer than finetune.speech.audio_seconds"):
-        model.score(cropped, 8, torch.device("cpu"))
-    with pytest.raises(InputError, match="1 clip\\(s\\) are longer than finetune.speech.audio_seconds"):
-        model.check_data(cropped)  # what training checks before its first step
-    silent = LabelledSplit("speech", "test", data.source, data.label, ["a", "clip-b"], data.lengths, ["up", "..."])
+    with pytest.raises(InputError, match="1 clip\\(s\\) longer than finetune.speech.audio_seconds"):
+        model.score([cropped], torch.device("cpu"))
+    with pytest.raises(InputError, match="1 clip\\(s\\) longer than finetune.speech.audio_seconds"):
+        model.check_data(cropped)  # what training checks at each step
+    silent = LabelledSplit("speech", "test", data.source, data.label, ["a", "clip-b", "c"], data.lengths,
+                           ["up", "...", "no"])
     with pytest.raises(InputError, match="clip-b: transcript '...' has no letters"):
-        model.score(silent, 8, torch.device("cpu"))
+        model.score([silent], torch.device("cpu"))
     with pytest.raises(InputError, match="has no transcripts"):
-        model.score(LabelledSplit("speech", "test", data.source, data.label, data.keys, data.lengths), 8,
+        model.score([LabelledSplit("speech", "test", data.source, data.label, data.keys, data.lengths)],
                     torch.device("cpu"))
 
 
 def test_ctc_loss_from_the_head_matches_the_letter_loss():
-    """``head.loss(head(x), head.targets(split, idx))`` is ``ctc_loss`` on the same frames and texts."""
+    """``head.loss(head(x), head.targets(batch))`` is ``ctc_loss`` on the same frames and texts."""
     model = _model().eval()
     data = LabelledSplit("speech", "train", torch.randn(3, SPEECH_SAMPLES), torch.tensor([0, 1, 2]), ["a", "b", "c"],
                          torch.tensor([SPEECH_SAMPLES, SPEECH_SAMPLES // 2, SPEECH_SAMPLES]), ["up", "go", "no"])
@@ -133,7 +142,8 @@ def test_ctc_loss_from_the_head_matches_the_letter_loss():
     with torch.no_grad():
         out = model(src, lengths)
         want = ctc_loss(out, model.frames(src, lengths), ["no", "go"], ["c", "b"])
-        assert torch.equal(model.loss(out, model.targets(data, idx)), want)
+        batch = LabelledSplit("speech", "train", src, data.label[idx], ["c", "b"], lengths, ["no", "go"])
+        assert torch.equal(model.loss(out, model.targets(batch)), want)
 
 
 @pytest.mark.parametrize("task,head,msg", [("image", "ctc", "for the speech task only"),

@@ -24,6 +24,7 @@ from d2v.models import Data2Vec2
 from d2v.models.classifier_dir import load_classifier, save_classifier
 from d2v.models.heads import Classifier
 from d2v.train import finetune as ft
+from d2v.train.distributed import DistInfo
 from d2v.train.evaluate import evaluate_task
 from d2v.train.probe import linear_probe
 
@@ -176,7 +177,7 @@ def test_finetune_evaluate_round_trip(image_root, tmp_path):
     clf, meta = load_classifier(runs["pretrained"].out_dir)
     assert meta["labels"] == ["left", "right"] and meta["task"] == "image"
     val = load_split(image_root, "image", "val")
-    acc = ft.accuracy(clf, val, 64, torch.device("cpu"))
+    acc = clf.score([val], torch.device("cpu"))["accuracy"]  # the whole split as one batch
     assert acc == pytest.approx(runs["pretrained"].val_accuracy)
 
     out = tmp_path / "eval.json"
@@ -202,12 +203,11 @@ def test_finetune_evaluate_round_trip(image_root, tmp_path):
 def test_same_budget_same_batches(image_root, tmp_path, capsys):
     """Both inits see the same batches: two runs from the same init are identical."""
     cfg = make_cfg(image_root, tmp_path, init="random", steps=5)
-    train = load_split(image_root, "image", "train")
     losses = []
     for _ in range(2):
         torch.manual_seed(0)
         clf = Classifier(Data2Vec2(cfg.model), "image", 2)
-        losses.append(ft.train_classifier(clf, train, cfg.finetune.image, 7, torch.device("cpu"), progress=False))
+        losses.append(ft.train_classifier(clf, cfg, "image", DistInfo(), progress=False))
     assert losses[0] == losses[1]
     # without a bar (a log: dvc repro, Prefect) a line per tenth of the steps, with its numbers
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("finetune: step ")]
@@ -226,13 +226,13 @@ def test_batch_pool_norm_standardises_features_and_round_trips(image_root, tmp_p
     with torch.no_grad():
         z = clf.fc_norm(clf.features(train.source[:32]) * 50 + 7)  # scale and shift do not survive
     assert z.mean(0).abs().max() < 1e-4 and (z.std(0, unbiased=False) - 1).abs().max() < 1e-2
-    ft.train_classifier(clf, train, cfg.finetune.image, 7, torch.device("cpu"), progress=False)
+    ft.train_classifier(clf, cfg, "image", DistInfo(), progress=False)
     assert int(clf.fc_norm.num_batches_tracked) > 15  # updated by training (and by the check above)
-    before = clf.predict(test, 16, torch.device("cpu"))
+    before = clf.predict(test, torch.device("cpu"))
     out = save_classifier(clf, tmp_path / "clf", {"task": "image"})
     loaded, meta = load_classifier(out)
     assert meta["pool_norm"] == "batch" and isinstance(loaded.fc_norm, torch.nn.BatchNorm1d)
-    assert torch.equal(loaded.predict(test, 16, torch.device("cpu")), before)
+    assert torch.equal(loaded.predict(test, torch.device("cpu")), before)
     with pytest.raises(InputError, match="pool_norm"):
         Classifier(Data2Vec2(cfg.model), "image", 2, pool_norm="group")
     bad = make_cfg(image_root, tmp_path, init="random")

@@ -270,8 +270,8 @@ class TaskConfig:
     label_smoothing: float = 0.1
     clip_norm: float = 0.0
     freeze_local: bool = False  # keep the local encoder fixed (speech: the CNN, fairseq feature_grad_mult 0)
-    max_train: int = 0  # labelled training samples held in memory (0: the whole split)
-    max_eval: int = 0  # evaluation samples (0: the whole split)
+    max_eval: int = 0  # evaluation samples: the first max_eval labelled ones (0: the whole split)
+    eval_batch_size: int = 256  # evaluation and probe feature extraction, per process
     eval_split: str = "test"  # reported accuracy; "val" is used during fine-tuning
     audio_seconds: float = 1.0  # speech: clips are centre-cropped / zero-padded to this length
     text_length: int = 64  # text: tokens per line (<s> + ids, padded)
@@ -293,6 +293,8 @@ class TaskConfig:
         _need(self.audio_seconds > 0, f"{k}.audio_seconds", f"must be > 0, got {self.audio_seconds}")
         _need(self.text_length >= 2, f"{k}.text_length", f"must be >= 2, got {self.text_length}")
         _need(self.probe_c > 0, f"{k}.probe_c", f"must be > 0, got {self.probe_c}")
+        _need(self.eval_batch_size >= 1, f"{k}.eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
+        _need(self.max_eval >= 0, f"{k}.max_eval", f"must be >= 0 (0: the whole split), got {self.max_eval}")
         return self
 
 
@@ -310,8 +312,12 @@ class FinetuneConfig:
     threads: int = 0
     track: bool = True
     registry_prefix: str = "d2v"  # registered names: <prefix>-encoder, <prefix>-<task>-classifier
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    ckpt_every: int = 0  # a resumable checkpoint per init every N steps (0: none; --resume needs them)
 
     def validate(self) -> FinetuneConfig:
+        _need(self.precision in ("auto", "fp32", "bf16"), "finetune.precision", f"auto|fp32|bf16, got {self.precision!r}")
+        _need(self.ckpt_every >= 0, "finetune.ckpt_every", f"must be >= 0 (0: no checkpoints), got {self.ckpt_every}")
         for task in self.tasks:
             _need(task in MODALITIES, "finetune.tasks", f"unknown task {task!r}; expected {', '.join(MODALITIES)}")
         for task in MODALITIES:  # every section, listed in tasks or not: a bad value fails now, not later

@@ -3,6 +3,7 @@ classifier, and linear probes of pretrained vs random frozen features (DVC stage
 
 Examples:
   d2v evaluate --task image --params params.yaml --no-progress   # what `dvc repro` runs
+  torchrun --nproc_per_node 8 -m d2v.cli.main evaluate --task image experiment=image_base   # DDP
 Writes <reports>/metrics/eval_<task>.json (accuracy, baseline_accuracy, probe_accuracy,
 probe_baseline_accuracy, MLflow run ids) and <reports>/plots/eval_<task>_confusion.png, where
 <reports> is reports/ for the pipeline's models/finetune, else runs/reports/ (as d2v finetune).
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from d2v.cli.common import add_config_args, add_progress_arg, config_from_args, reports_root, run_cli, show_progress
@@ -37,7 +39,8 @@ def main(argv: list[str]) -> int:
                                plot_path=ns.plot or root / f"plots/eval_{ns.task}_confusion.png",
                                finetune_report=root / f"metrics/finetune_{ns.task}.json",
                                progress=show_progress(ns))
-        print(json.dumps(report, indent=2))
+        if os.environ.get("RANK", "0") == "0":  # once under torchrun (rank 0)
+            print(json.dumps(report, indent=2))
         return 0
 
     return run_cli(run)

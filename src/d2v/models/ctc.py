@@ -37,14 +37,18 @@ def decode_letters(ids: list[int]) -> str:
     return " ".join("".join(out).replace("|", " ").split())
 
 
-def error_rates(hyps: list[str], refs: list[str]) -> tuple[float, float]:
-    """(WER, CER) of hypotheses against references: total edit distance over total reference length."""
+def error_counts(hyps: list[str], refs: list[str]) -> tuple[int, int, int, int]:
+    """(word edits, reference words, character edits, reference characters): additive over batches."""
     from torchaudio.functional import edit_distance
 
     w_err = sum(edit_distance(r.split(), h.split()) for h, r in zip(hyps, refs))
     c_err = sum(edit_distance(list(r), list(h)) for h, r in zip(hyps, refs))
-    w_n = sum(len(r.split()) for r in refs)
-    c_n = sum(len(r) for r in refs)
+    return w_err, sum(len(r.split()) for r in refs), c_err, sum(len(r) for r in refs)
+
+
+def error_rates(hyps: list[str], refs: list[str]) -> tuple[float, float]:
+    """(WER, CER) of hypotheses against references: total edit distance over total reference length."""
+    w_err, w_n, c_err, c_n = error_counts(hyps, refs)
     return w_err / max(1, w_n), c_err / max(1, c_n)
 
 

@@ -12,13 +12,18 @@
 
 Token features come from ``encoder_features``, the body of ``Data2Vec2.features``.
 
-The data a head trains on and scores is any object with ``source``, ``lengths``, ``label`` and
+A head trains on and scores batches: any object with ``source``, ``lengths``, ``label`` and
 ``keys`` (CTC: also ``texts``, ``split``, ``modality``, ``cropped``), e.g.
-``d2v.data.downstream.LabelledSplit``. ``HEADS`` maps ``finetune.<task>.head`` to the class.
+``d2v.data.downstream.LabelledSplit``. Scoring is a stream of batches: each batch gives additive
+counts (``tally``: a confusion matrix; CTC: edit distances and lengths), summed over batches and,
+under DDP, over ranks (``reduce``), then turned into scores, so a split of any size is scored in
+constant memory and W processes score exactly what one does. ``HEADS`` maps
+``finetune.<task>.head`` to the class.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import torch
@@ -27,12 +32,12 @@ import torch.nn.functional as F
 
 from d2v.errors import InputError
 
-from .ctc import LETTERS, ctc_loss, decode_letters, error_rates, reference
+from .ctc import LETTERS, ctc_loss, decode_letters, error_counts, reference
 from .data2vec2 import Data2Vec2, encoder_features
 
 
 class LabelledData(Protocol):
-    """What a head reads from a labelled split (``d2v.data.downstream.LabelledSplit``)."""
+    """What a head reads from a labelled batch (``d2v.data.downstream.LabelledSplit``)."""
 
     modality: str
     split: str
@@ -46,10 +51,16 @@ class LabelledData(Protocol):
     def __len__(self) -> int: ...
 
 
-def _batches(data: LabelledData, batch_size: int, device: torch.device):
-    for i in range(0, len(data), batch_size):
-        lengths = data.lengths[i : i + batch_size] if data.lengths is not None else None
-        yield data.source[i : i + batch_size].to(device), lengths
+def _add_tally(total: dict[str, Any], part: dict[str, Any]) -> None:
+    """Sum tensors, concatenate lists (at most ``EXAMPLES`` items kept)."""
+    for k, v in part.items():
+        if isinstance(v, torch.Tensor):
+            total[k] = total[k] + v
+        else:
+            total[k] = (total[k] + list(v))[:EXAMPLES]
+
+
+EXAMPLES = 3  # transcripts a CTC score keeps to show
 
 
 class Classifier(nn.Module):
@@ -128,11 +139,11 @@ class Classifier(nn.Module):
 
     # -- training -------------------------------------------------------------------------------
     def check_data(self, data: LabelledData) -> None:
-        """Refuse a split this head cannot learn or score (nothing to check for classes)."""
+        """Refuse a batch this head cannot learn or score (nothing to check for classes)."""
 
-    def targets(self, data: LabelledData, idx: torch.Tensor) -> Any:
-        """The targets of rows ``idx`` of ``data``, as ``loss`` takes them."""
-        return data.label[idx]
+    def targets(self, data: LabelledData) -> Any:
+        """The targets of the batch ``data``, as ``loss`` takes them."""
+        return data.label
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
         """Cross-entropy of ``logits`` (B, C) against class ids ``targets`` (B,)."""
@@ -161,18 +172,42 @@ class Classifier(nn.Module):
 
     # -- scoring --------------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, data: LabelledData, batch_size: int, device: torch.device) -> torch.Tensor:
-        """Predicted class per sample (eval mode, batched), on the CPU."""
+    def predict(self, data: LabelledData, device: torch.device) -> torch.Tensor:
+        """Predicted class per sample of the batch ``data`` (eval mode), on the CPU."""
         self.to(device).eval()
-        return torch.cat([self(src, lengths).argmax(-1).cpu() for src, lengths in _batches(data, batch_size, device)])
+        return self(data.source.to(device), data.lengths).argmax(-1).cpu()
 
-    def score(self, data: LabelledData, batch_size: int, device: torch.device) -> dict[str, Any]:
-        """``{"accuracy": float, "pred": (N,) predicted classes}``."""
-        pred = self.predict(data, batch_size, device)
-        return {"accuracy": float((pred == data.label).float().mean()), "pred": pred}
+    def zero_tally(self) -> dict[str, Any]:
+        n = self.head.out_features
+        return {"confusion": torch.zeros(n, n, dtype=torch.long)}
+
+    def tally(self, data: LabelledData, device: torch.device) -> dict[str, Any]:
+        """The batch's confusion matrix (rows: true class, columns: predicted)."""
+        pred, n = self.predict(data, device), self.head.out_features
+        return {"confusion": torch.bincount(data.label * n + pred, minlength=n * n).view(n, n)}
+
+    def scores(self, totals: dict[str, Any]) -> dict[str, Any]:
+        conf = totals["confusion"]
+        n = int(conf.sum())
+        return {"accuracy": float(conf.trace()) / max(1, n), "samples": n, "confusion": conf.numpy()}
+
+    def score(self, batches: Iterable[LabelledData], device: torch.device,
+              reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, progress: Any = None) -> dict[str, Any]:
+        """Scores of a stream of batches (``{"accuracy", ...}``); ``reduce`` sums a tensor over
+        DDP ranks (each rank passing its own batches); ``progress`` is told each batch's size."""
+        self.to(device).eval()
+        total = self.zero_tally()
+        for data in batches:
+            self.check_data(data)
+            _add_tally(total, self.tally(data, device))
+            if progress is not None:
+                progress.update(len(data))
+        if reduce is not None:
+            total = {k: reduce(v) if isinstance(v, torch.Tensor) else v for k, v in total.items()}
+        return self.scores(total)
 
     def describe(self, scores: dict[str, Any]) -> str:
-        return f"accuracy {scores['accuracy']:.4f}"
+        return f"accuracy {scores['accuracy']:.4f} ({scores['samples']} samples)"
 
 
 class CTCRecognizer(Classifier):
@@ -221,16 +256,15 @@ class CTCRecognizer(Classifier):
         if data.texts is None:
             raise InputError(f"{data.modality} split {data.split!r} has no transcripts: CTC needs speech metadata labels")
         if data.cropped:
-            raise InputError(f"speech split {data.split!r}: {data.cropped} clip(s) are longer than "
-                             f"finetune.speech.audio_seconds and were cropped, so their transcripts no longer match; "
+            raise InputError(f"speech split {data.split!r}: a batch holds {data.cropped} clip(s) longer than "
+                             f"finetune.speech.audio_seconds (e.g. among {', '.join(data.keys[:3])}), cropped, so their "
+                             f"transcripts no longer match; "
                              f"raise finetune.speech.audio_seconds for CTC")
 
-    def targets(self, data: LabelledData, idx: torch.Tensor) -> Any:
-        """(transcripts, keys, lengths) of rows ``idx``."""
-        rows = idx.tolist()
+    def targets(self, data: LabelledData) -> Any:
+        """(transcripts, keys, lengths) of the batch."""
         assert data.texts is not None
-        return ([data.texts[i] for i in rows], [data.keys[i] for i in rows],
-                data.lengths[idx] if data.lengths is not None else None)
+        return data.texts, data.keys, data.lengths
 
     def loss(self, log_probs: torch.Tensor, targets: Any, label_smoothing: float = 0.0) -> torch.Tensor:
         """Mean CTC loss of ``log_probs`` (B, T, V) against ``targets`` from ``targets()``
@@ -239,22 +273,29 @@ class CTCRecognizer(Classifier):
         return ctc_loss(log_probs, self._frames(log_probs.shape[1], log_probs.shape[0], lengths), texts, keys)
 
     # -- scoring --------------------------------------------------------------------------------
+    def zero_tally(self) -> dict[str, Any]:
+        return {"edits": torch.zeros(5, dtype=torch.float64), "examples": []}
+
     @torch.no_grad()
-    def score(self, data: LabelledData, batch_size: int, device: torch.device) -> dict[str, Any]:
-        """Greedy transcripts and their scores: ``{"accuracy": 1 - WER, "wer", "cer", "hyps", "refs"}``."""
-        self.check_data(data)
-        self.to(device).eval()
-        hyps: list[str] = []
-        for src, lengths in _batches(data, batch_size, device):
-            hyps += self.transcribe(src, lengths)
+    def tally(self, data: LabelledData, device: torch.device) -> dict[str, Any]:
+        """Word and character edit distances, reference lengths and clips; the first transcripts."""
+        self.eval()
+        hyps = self.transcribe(data.source.to(device), data.lengths)
         assert data.texts is not None
         refs = [reference(t, k) for t, k in zip(data.texts, data.keys)]
-        wer, cer = error_rates(hyps, refs)
-        return {"accuracy": 1.0 - wer, "wer": wer, "cer": cer, "hyps": hyps, "refs": refs}
+        return {"edits": torch.tensor([*error_counts(hyps, refs), len(refs)], dtype=torch.float64),
+                "examples": list(zip(refs, hyps))[:EXAMPLES]}
+
+    def scores(self, totals: dict[str, Any]) -> dict[str, Any]:
+        """``{"accuracy": 1 - WER, "wer", "cer", "examples"}`` (greedy transcripts)."""
+        w_err, w_n, c_err, c_n, clips = totals["edits"].tolist()
+        wer = w_err / max(1.0, w_n)
+        return {"accuracy": 1.0 - wer, "wer": wer, "cer": c_err / max(1.0, c_n), "samples": int(clips),
+                "examples": totals["examples"]}
 
     def describe(self, scores: dict[str, Any]) -> str:
         return (f"WER {scores['wer']:.4f}, CER {scores['cer']:.4f}; e.g. "
-                + "; ".join(f"{r!r} -> {h!r}" for h, r in zip(scores["hyps"][:3], scores["refs"][:3])))
+                + "; ".join(f"{r!r} -> {h!r}" for r, h in scores["examples"]))
 
 
 HEADS: dict[str, type[Classifier]] = {"classify": Classifier, "ctc": CTCRecognizer}

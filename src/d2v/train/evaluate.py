@@ -9,6 +9,11 @@
   frozen, mean-pooled last-block features of the pretrained and of a random encoder (standardised
   features, the same training subset, ``probe_max_train`` samples);
 * the MLflow run ids of the fine-tuning runs and of this evaluation run.
+
+Every pass streams the shards (:func:`d2v.data.downstream.eval_batches`): scores are additive
+counts per batch, and the probe's memory is its capped feature rows. Under torchrun each process
+takes every W-th batch; counts are summed and features gathered to rank 0 in split order, so W
+processes report exactly what one does.
 """
 
 from __future__ import annotations
@@ -22,33 +27,38 @@ import numpy as np
 import torch
 
 from d2v.config import Config, to_dict
-from d2v.data.downstream import LabelledSplit, load_task_data
+from d2v.data.downstream import eval_batches, task_inputs
 from d2v.models.classifier_dir import load_classifier
 from d2v.models.heads import Classifier
-from d2v.train.finetune import load_backbone, task_setup
+from d2v.train import distributed
+from d2v.train.distributed import DistInfo
+from d2v.train.finetune import load_backbone, score_split, task_setup, use_bf16
 from d2v.train.probe import linear_probe
 
 
 @torch.no_grad()
-def extract(clf: Classifier, data: LabelledSplit, batch_size: int, device: torch.device, progress: bool = False,
-            desc: str = "features") -> np.ndarray:
-    """Frozen mean-pooled features, (N, D) float64."""
+def extract(clf: Classifier, cfg: Config, task: str, split: str, max_n: int, info: DistInfo,
+            progress: bool = False, desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
+    """Frozen mean-pooled features (N, D) float64 and labels (N,) of one streamed pass over
+    ``split``; under DDP each rank extracts its batches and rank 0 gets all rows in split order
+    (other ranks get empty arrays)."""
     from tqdm import tqdm
 
+    tc, device = getattr(cfg.finetune, task), info.device
     clf.to(device).eval()
-    out = []
-    for i in tqdm(range(0, len(data), batch_size), desc=desc, disable=not progress, unit="batch", leave=False,
-                  dynamic_ncols=True):
-        src = data.source[i : i + batch_size].to(device)
-        lengths = data.lengths[i : i + batch_size] if data.lengths is not None else None
-        out.append(clf.features(src, lengths).float().cpu().numpy())
-    return np.concatenate(out).astype(np.float64)
-
-
-def confusion(pred: torch.Tensor, label: torch.Tensor, n: int) -> np.ndarray:
-    m = np.zeros((n, n), dtype=np.int64)
-    np.add.at(m, (label.numpy(), pred.numpy()), 1)
-    return m
+    inputs = task_inputs(cfg, task, pad_to_longest=True)
+    mine: list[tuple[int, np.ndarray, np.ndarray]] = []
+    bar = tqdm(desc=desc, disable=not progress, unit="sample", leave=False, dynamic_ncols=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg.finetune.precision, device)):
+        for i, b in eval_batches(cfg.data.root, inputs, split, tc.eval_batch_size, max_n, info.rank, info.world_size):
+            f = clf.features(b.source.to(device), b.lengths).float().cpu().numpy()
+            mine.append((i, f, b.label.numpy()))
+            bar.update(len(b))
+    bar.close()
+    parts = sorted((p for rank_parts in distributed.all_gather_object(mine) for p in rank_parts), key=lambda p: p[0])
+    if not info.is_main or not parts:
+        return np.zeros((0, 0)), np.zeros(0, dtype=np.int64)
+    return np.concatenate([p[1] for p in parts]).astype(np.float64), np.concatenate([p[2] for p in parts])
 
 
 def plot_confusion(m: np.ndarray, names: list[str], title: str, path: Path) -> None:
@@ -76,46 +86,67 @@ def plot_confusion(m: np.ndarray, names: list[str], title: str, path: Path) -> N
 def evaluate_task(cfg: Config, task: str, metrics_path: Path | None = None,
                   plot_path: Path | None = None, finetune_report: Path | None = None,
                   progress: bool = False) -> dict[str, Any]:
-    ft, tc, device = task_setup(cfg, task)
+    """Score both fine-tuned classifiers and probe both encoders, in one process or under torchrun."""
+    ft, _ = task_setup(cfg, task)
+    with distributed.process_group(ft.device) as info:
+        report = _evaluate(cfg, task, info, progress and info.is_main)
+        if info.is_main:
+            _finish(cfg, task, report, metrics_path, plot_path, finetune_report)
+        distributed.barrier()
+    return report
+
+
+def _evaluate(cfg: Config, task: str, info: DistInfo, progress: bool) -> dict[str, Any]:
+    ft, tc = cfg.finetune, getattr(cfg.finetune, task)
     t0 = time.perf_counter()
     clf, meta = load_classifier(Path(ft.out_dir) / task / "pretrained")
     base, _ = load_classifier(Path(ft.out_dir) / task / "random")
     cfg.model = clf.model_cfg  # evaluate the architecture that was fine-tuned
-    test = load_task_data(cfg, task, tc.eval_split, tc.max_eval)
-    probe_train = load_task_data(cfg, task, "train", tc.probe_max_train)
     names = list(meta.get("labels", []))
-
-    report: dict[str, Any] = {"task": task, "split": tc.eval_split, "eval_samples": len(test),
-                              "probe_train_samples": len(probe_train)}
-    pred = None
+    report: dict[str, Any] = {"task": task, "split": tc.eval_split, "labels": names}
     for prefix, model in (("", clf), ("baseline_", base)):
-        scores = model.score(test, 256, device)  # accuracy, and e.g. wer / cer; per-sample outputs
+        which = "pretrained" if not prefix else "random init"
+        scores = score_split(model, cfg, task, tc.eval_split, tc.max_eval, info, progress,
+                             f"{task} ({which}): {tc.eval_split}")
         report.update({f"{prefix}{k}": v for k, v in scores.items() if isinstance(v, float)})
         if not prefix:
-            pred = scores.get("pred")  # classes per sample: the confusion matrix
-        print(f"{task} {model.head_kind} ({prefix or 'pretrained_'}model): {model.describe(scores)}", flush=True)
+            report["eval_samples"] = scores.get("samples")
+            report["confusion"] = scores.get("confusion")  # classes: the confusion matrix (dropped from the JSON)
+        if info.is_main:
+            print(f"{task} {model.head_kind} ({which} model): {model.describe(scores)}", flush=True)
 
-    y_tr, y_te = probe_train.label.numpy(), test.label.numpy()
     for key, init in (("probe_accuracy", ft.init), ("probe_baseline_accuracy", "random")):
         t_probe = time.perf_counter()
-        backbone = load_backbone(init, cfg.model, cfg.seed)
-        feat = Classifier(backbone, task, max(2, len(names)))
+        feat = Classifier(load_backbone(init, cfg.model, cfg.seed), task, max(2, len(names)))
         which = "pretrained" if key == "probe_accuracy" else "random init"
-        report[key] = linear_probe(extract(feat, probe_train, 256, device, progress, f"{task} probe ({which}): train"),
-                                   y_tr, extract(feat, test, 256, device, progress, f"{task} probe ({which}): test"),
-                                   y_te, tc.probe_c)
-        print(f"{task} linear probe ({which} encoder, {len(probe_train)} -> {len(test)} samples): accuracy "
-              f"{report[key]:.4f} ({time.perf_counter() - t_probe:.0f} s)", flush=True)
+        x_tr, y_tr = extract(feat, cfg, task, "train", tc.probe_max_train, info, progress, f"{task} probe ({which}): train")
+        x_te, y_te = extract(feat, cfg, task, tc.eval_split, tc.max_eval, info, progress,
+                             f"{task} probe ({which}): {tc.eval_split}")
+        acc = linear_probe(x_tr, y_tr, x_te, y_te, tc.probe_c) if info.is_main else None
+        report[key] = float(distributed.broadcast_object(acc))
+        report["probe_train_samples"] = len(y_tr)
+        if report.get("eval_samples") is None:
+            report["eval_samples"] = len(y_te)
+        if info.is_main:
+            print(f"{task} linear probe ({which} encoder, {len(y_tr)} -> {len(y_te)} samples): accuracy "
+                  f"{report[key]:.4f} ({time.perf_counter() - t_probe:.0f} s)", flush=True)
     report["seconds"] = time.perf_counter() - t0
+    return report
 
+
+def _finish(cfg: Config, task: str, report: dict[str, Any], metrics_path: Path | None, plot_path: Path | None,
+            finetune_report: Path | None) -> None:
+    """Rank 0: the confusion plot, the MLflow run, the JSON report."""
+    tc = getattr(cfg.finetune, task)
+    names, conf = report.pop("labels"), report.pop("confusion", None)
     if finetune_report is not None and finetune_report.is_file():
         fr = json.loads(finetune_report.read_text())
         report["finetune_run_id"] = fr.get("mlflow_run_id", "")
         report["baseline_run_id"] = fr.get("baseline_mlflow_run_id", "")
-    if plot_path is not None and names and pred is not None:
-        plot_confusion(confusion(pred, test.label, len(names)), names,
-                       f"{task}: fine-tuned from pretraining, {tc.eval_split} accuracy {report['accuracy']:.3f}", plot_path)
-    if ft.track:
+    if plot_path is not None and names and conf is not None:
+        plot_confusion(conf, names, f"{task}: fine-tuned from pretraining, {tc.eval_split} accuracy "
+                                    f"{report['accuracy']:.3f}", plot_path)
+    if cfg.finetune.track:
         from d2v.tracking.mlflow_utils import Tracker
 
         tracker = Tracker(f"evaluate-{task}", {"task": task, **to_dict(cfg)}, tags={"stage": "evaluate", "task": task})
@@ -134,4 +165,3 @@ def evaluate_task(cfg: Config, task: str, metrics_path: Path | None = None,
     if metrics_path is not None:
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text(json.dumps(report, indent=2))
-    return report
