@@ -129,3 +129,30 @@ def test_gpu_benchmark_without_cuda_says_so():
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "needs a CUDA device" in lines[0] and "--smoke" in lines[0]
+
+
+def test_downstream_memory_benchmark_writes_json(tmp_path):
+    """Two tiny sizes of synthetic image shards, `d2v finetune` and `d2v evaluate` on each (2 steps):
+    every size's peak RSS, the per-stage max/min ratios and the printed table (numbers untested)."""
+    out = tmp_path / "mem.json"
+    r = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "benchmarks/downstream_memory.py"), "--base", "40", "--sizes", "1,2",
+         "--steps", "2", "--work", str(tmp_path / "work"), "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert [x["train_samples"] for x in rep["results"]] == [40, 80]
+    for x in rep["results"]:
+        assert x["test_samples"] == x["train_samples"] // 6 and x["shard_mib_total"] > 0
+        assert x["evaluate"]["eval_samples"] == x["test_samples"]  # the whole test split was scored
+        for stage in ("finetune", "evaluate"):
+            assert x[stage]["peak_rss_mib"] > 0 and x[stage]["seconds"] > 0
+        assert x["finetune"]["samples_per_s"] > 0
+    for stage in ("finetune", "evaluate"):
+        s = rep["summary"][stage]
+        assert s["ratio"] >= 1 and s["ratio"] == pytest.approx(s["max_peak_rss_mib"] / s["min_peak_rss_mib"])
+        assert isinstance(s["flat"], bool)
+    assert isinstance(rep["summary"]["flat"], bool) and rep["import_floor_rss_mib"] > 0
+    assert rep["machine"]["cpu"] and rep["date"] and "downstream_memory.py" in rep["command"] and rep["seed"] == 0
+    assert "finetune peak RSS MiB" in r.stdout and "| 80 |" in r.stdout  # the printed table

@@ -163,3 +163,55 @@ def test_killed_finetune_resumes_to_the_same_weights(halves, tmp_path):
     with pytest.raises(ConfigError, match=r"2 differing key\(s\): finetune\.image\.lr \(checkpoint 0\.002, now 0\.001\); "
                                           r"finetune\.image\.warmup_steps"):
         finetune_task(other, "image", progress=False, resume=True)
+
+
+# ------------------------------------------------------------------------------ the image recipe
+def test_image_recipe_augments_each_batch_reproducibly(halves):
+    """MAE's recipe (crop + flip, RandAugment, erasing, MixUp/CutMix): shapes and soft targets are
+    right, a batch is augmented the same way whenever its keys come again (both inits, any rank,
+    a resume), and different batches differently."""
+    from itertools import islice
+
+    from d2v.data.augment import ImageAugment
+    from d2v.data.downstream import TaskInputs, _raw_labelled, eval_batches
+    from d2v.data.shards import shard_urls
+
+    plain = next(b for _, b in eval_batches(halves, TaskInputs("image"), "train", 8))
+    raw = list(islice(_raw_labelled(shard_urls(halves, "image", "train")), 8))
+    aug = TaskInputs("image", augment=ImageAugment(28, 1, 0.08, 2, 9, 0.25, 0.8, 1.0, num_classes=2, seed=5))
+    a, b = aug.collate(raw, "train"), aug.collate(raw, "train")
+    assert a.source.shape == plain.source.shape == (8, 1, 28, 28) and a.keys == plain.keys
+    assert torch.equal(a.source, b.source) and torch.equal(a.soft_label, b.soft_label)  # reproducible
+    assert not torch.allclose(a.source, plain.source, atol=1e-3)  # and augmented
+    assert a.soft_label.shape == (8, 2) and torch.allclose(a.soft_label.sum(1), torch.ones(8))
+    assert (a.soft_label.max(1).values < 1).any()  # mixed: some targets are not one-hot
+    other = aug.collate(raw[::-1], "train")  # other keys order: other draws
+    assert not torch.equal(other.source, a.source.flip(0))
+    state = torch.get_rng_state()
+    aug.collate(raw, "train")
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG (dropout) is not touched
+
+
+def test_soft_target_loss_and_drop_path(halves):
+    """Soft targets with label smoothing give the cross-entropy computed by hand; one-hot soft
+    targets give exactly the class-id loss; drop_path rises linearly over the blocks."""
+    from d2v.config import TaskConfig
+    from d2v.models import Data2Vec2
+    from d2v.models.heads import Classifier
+    from d2v.train.finetune import make_model
+
+    cfg = make_cfg(halves, halves, init="")
+    clf = Classifier(Data2Vec2(cfg.model), "image", 3)
+    logits = torch.randn(4, 3)
+    ids = torch.tensor([0, 2, 1, 2])
+    onehot = torch.nn.functional.one_hot(ids, 3).float()
+    assert torch.allclose(clf.loss(logits, onehot, 0.1), clf.loss(logits, ids, 0.1), atol=1e-6)
+    soft = torch.tensor([[0.7, 0.3, 0], [0, 0.5, 0.5], [1, 0, 0], [0.2, 0.2, 0.6]])
+    p = torch.softmax(logits.double(), -1)
+    t = soft.double() * 0.9 + 0.1 / 3
+    want = float(-(t * p.log()).sum(1).mean())
+    assert float(clf.loss(logits, soft, 0.1)) == pytest.approx(want, rel=1e-5)
+    model = make_model(Data2Vec2(cfg.model), "image", TaskConfig(drop_path=0.2), 2)
+    assert [b.drop_path.p for b in model.blocks] == pytest.approx([0.0, 0.1, 0.2])
+    with pytest.raises(ConfigError, match="image task only"):
+        TaskConfig(mixup=0.8).validate("text")

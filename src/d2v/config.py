@@ -272,6 +272,14 @@ class TaskConfig:
     freeze_local: bool = False  # keep the local encoder fixed (speech: the CNN, fairseq feature_grad_mult 0)
     max_eval: int = 0  # evaluation samples: the first max_eval labelled ones (0: the whole split)
     eval_batch_size: int = 256  # evaluation and probe feature extraction, per process
+    # Image training augmentation (MAE / timm fine-tuning recipe, torchvision.transforms.v2); 0: off
+    random_resized_crop: float = 0.0  # min crop scale of RandomResizedCrop (bicubic) + horizontal flip (MAE: 0.08)
+    rand_augment: int = 0  # RandAugment ops per image (MAE's rand-m9: 2)
+    rand_augment_magnitude: int = 9
+    random_erasing: float = 0.0  # probability, after normalisation (MAE: 0.25)
+    mixup: float = 0.0  # MixUp alpha (MAE: 0.8); with cutmix, one of the two per batch
+    cutmix: float = 0.0  # CutMix alpha (MAE: 1.0)
+    drop_path: float = 0.0  # stochastic depth, rising linearly over the blocks to this rate (0: the model's own)
     eval_split: str = "test"  # reported accuracy; "val" is used during fine-tuning
     audio_seconds: float = 1.0  # speech: clips are centre-cropped / zero-padded to this length
     text_length: int = 64  # text: tokens per line (<s> + ids, padded)
@@ -295,6 +303,16 @@ class TaskConfig:
         _need(self.probe_c > 0, f"{k}.probe_c", f"must be > 0, got {self.probe_c}")
         _need(self.eval_batch_size >= 1, f"{k}.eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
         _need(self.max_eval >= 0, f"{k}.max_eval", f"must be >= 0 (0: the whole split), got {self.max_eval}")
+        _need(0 <= self.random_resized_crop <= 1, f"{k}.random_resized_crop", f"a scale in [0, 1], got {self.random_resized_crop}")
+        _need(self.rand_augment >= 0 and 0 <= self.rand_augment_magnitude <= 30, f"{k}.rand_augment",
+              f"ops >= 0 and magnitude in [0, 30], got {self.rand_augment}, {self.rand_augment_magnitude}")
+        _need(0 <= self.random_erasing <= 1, f"{k}.random_erasing", f"a probability, got {self.random_erasing}")
+        _need(self.mixup >= 0 and self.cutmix >= 0, f"{k}.mixup", f"alphas must be >= 0, got {self.mixup}, {self.cutmix}")
+        _need(0 <= self.drop_path < 1, f"{k}.drop_path", f"must be in [0, 1), got {self.drop_path}")
+        augments = self.random_resized_crop or self.rand_augment or self.random_erasing or self.mixup or self.cutmix
+        _need(task == "image" or not augments, f"{k}", "image augmentations (random_resized_crop, rand_augment, "
+              "random_erasing, mixup, cutmix) are for the image task only")
+        _need(self.head != "ctc" or not (self.mixup or self.cutmix), f"{k}.mixup", "mixing needs class labels")
         return self
 
 

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from d2v.data import transforms
+from d2v.data.augment import ImageAugment
 from d2v.data.loaders import _check_key, _decoder, _maybe_labelled, _SeededShuffle, _shard_error, _worker_index
 from d2v.data.shards import shard_dir, shard_urls
 from d2v.errors import InputError
@@ -54,6 +55,7 @@ class LabelledSplit:
     lengths: torch.Tensor | None = None  # speech: true samples per clip; text: tokens per row
     texts: list[str] | None = None  # speech: the transcript (metadata ``label``), the CTC target
     cropped: int = 0  # speech: clips longer than ``audio_seconds``, centre-cropped (CTC refuses them)
+    soft_label: torch.Tensor | None = None  # (N, classes): MixUp / CutMix targets of an augmented batch
 
     def __len__(self) -> int:
         return int(self.label.numel())
@@ -87,6 +89,7 @@ class TaskInputs:
     audio_seconds: float = 1.0
     text_length: int = 64
     pad_to_longest: bool = False  # speech: pad to the batch's longest clip, not to ``audio_seconds``
+    augment: ImageAugment | None = None  # image training: the fine-tuning recipe's augmentation
 
     @property
     def max_samples(self) -> int:
@@ -96,9 +99,12 @@ class TaskInputs:
         keys = [s["__key__"] for s in samples]
         labels = torch.tensor([int(s["cls"]) for s in samples], dtype=torch.long)
         if self.modality == "image":
-            xs = [transforms.image_tensor(transforms.decode_image(s["png"], f"sample {k}"), self.image_size,
-                                          self.in_chans) for s, k in zip(samples, keys)]
-            return LabelledSplit("image", split, torch.stack(xs), labels, keys)
+            images = [transforms.decode_image(s["png"], f"sample {k}") for s, k in zip(samples, keys)]
+            if self.augment is not None:
+                src, soft = self.augment(images, labels, keys)
+                return LabelledSplit("image", split, src, labels, keys, soft_label=soft)
+            src = torch.stack([transforms.image_tensor(x, self.image_size, self.in_chans) for x in images])
+            return LabelledSplit("image", split, src, labels, keys)
         if self.modality == "speech":
             target, wavs, cropped = self.max_samples, [], 0
             for s, k in zip(samples, keys):
@@ -126,14 +132,20 @@ def _transcript(sample: dict, key: str) -> str:
         raise InputError(f"{key}: shard sample has no readable JSON 'label' for its transcript ({e})") from e
 
 
-def task_inputs(cfg: Any, task: str, pad_to_longest: bool = False) -> TaskInputs:
-    """The decoding of ``task`` for ``cfg.model`` (sizes, sample rate, text length) and ``cfg.finetune.<task>``."""
+def task_inputs(cfg: Any, task: str, pad_to_longest: bool = False, train: bool = False) -> TaskInputs:
+    """The decoding of ``task`` for ``cfg.model`` (sizes, sample rate, text length) and ``cfg.finetune.<task>``;
+    ``train``: with the task's training augmentation (image: :mod:`d2v.data.augment`)."""
     tc = getattr(cfg.finetune, task)
     m = cfg.model
     if getattr(m, task, None) is None:
         raise InputError(f"model.{task} is not configured: cannot run the {task} task")
     if task == "image":
-        return TaskInputs("image", image_size=m.image.input_size, in_chans=m.image.in_chans)
+        aug = None
+        if train and (tc.random_resized_crop or tc.rand_augment or tc.random_erasing or tc.mixup or tc.cutmix):
+            aug = ImageAugment(m.image.input_size, m.image.in_chans, tc.random_resized_crop, tc.rand_augment,
+                               tc.rand_augment_magnitude, tc.random_erasing, tc.mixup, tc.cutmix,
+                               len(label_names(cfg.data.root, "image")), cfg.seed)
+        return TaskInputs("image", image_size=m.image.input_size, in_chans=m.image.in_chans, augment=aug)
     if task == "speech":
         return TaskInputs("speech", sample_rate=m.speech.sample_rate, audio_seconds=tc.audio_seconds,
                           pad_to_longest=pad_to_longest)

@@ -142,12 +142,20 @@ class Classifier(nn.Module):
         """Refuse a batch this head cannot learn or score (nothing to check for classes)."""
 
     def targets(self, data: LabelledData) -> Any:
-        """The targets of the batch ``data``, as ``loss`` takes them."""
-        return data.label
+        """The targets of the batch ``data``, as ``loss`` takes them: class ids, or the soft
+        targets of a MixUp / CutMix batch."""
+        soft = getattr(data, "soft_label", None)
+        return data.label if soft is None else soft
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-        """Cross-entropy of ``logits`` (B, C) against class ids ``targets`` (B,)."""
-        return F.cross_entropy(logits, targets.to(logits.device), label_smoothing=label_smoothing)
+        """Cross-entropy of ``logits`` (B, C) against class ids ``targets`` (B,) or soft targets
+        (B, C); label smoothing mixes soft targets with the uniform distribution, as for ids (timm's
+        ``SoftTargetCrossEntropy`` after ``Mixup(label_smoothing=...)``)."""
+        targets = targets.to(logits.device)
+        if targets.is_floating_point():
+            t = targets * (1 - label_smoothing) + label_smoothing / logits.shape[-1]
+            return -(t * logits.log_softmax(-1)).sum(-1).mean()
+        return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
     def layer_param_groups(self, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
         """AdamW groups with lr x layer_decay^(depth + 1 - layer); no decay on 1-D/bias tensors."""

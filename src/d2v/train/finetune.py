@@ -68,8 +68,15 @@ def load_backbone(init: str, model_cfg: ModelConfig, seed: int, map_location: st
 
 
 def make_model(backbone: Data2Vec2, task: str, tc: TaskConfig, num_classes: int) -> Classifier:
-    """The fine-tuning model of ``task``: the head ``tc.head`` names (``d2v.models.heads.HEADS``)."""
-    return make_head(tc.head, backbone, task, num_classes, freeze_local=tc.freeze_local, pool_norm=tc.pool_norm)
+    """The fine-tuning model of ``task``: the head ``tc.head`` names (``d2v.models.heads.HEADS``);
+    ``tc.drop_path`` > 0 sets stochastic depth rising linearly over the blocks, 0 up to it (MAE's
+    ``drop_path_rate``, fairseq ``MaeImageClassificationModel``'s linspace)."""
+    clf = make_head(tc.head, backbone, task, num_classes, freeze_local=tc.freeze_local, pool_norm=tc.pool_norm)
+    if tc.drop_path > 0:
+        n = len(clf.blocks)
+        for i, block in enumerate(clf.blocks):
+            block.drop_path.p = tc.drop_path * i / max(1, n - 1)
+    return clf
 
 
 def task_setup(cfg: Config, task: str) -> tuple[Any, TaskConfig]:
@@ -175,7 +182,7 @@ def train_classifier(clf: Classifier, cfg: Config, task: str, info: DistInfo, *,
         net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None,
                   find_unused_parameters=cfg.model.layerdrop > 0)
     bf16 = use_bf16(ft.precision, device)
-    inputs = task_inputs(cfg, task)
+    inputs = task_inputs(cfg, task, train=True)
     bar = tqdm(range(start, tc.steps), desc=desc, disable=not progress, unit="step", dynamic_ncols=True,
                initial=start, total=tc.steps)
     every, t0, it, seg = max(1, tc.steps // 10), time.perf_counter(), None, -1
