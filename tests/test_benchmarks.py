@@ -137,7 +137,7 @@ def test_downstream_memory_benchmark_writes_json(tmp_path):
     out = tmp_path / "mem.json"
     r = subprocess.run(
         [sys.executable, str(PROJECT_ROOT / "benchmarks/downstream_memory.py"), "--base", "40", "--sizes", "1,2",
-         "--steps", "2", "--work", str(tmp_path / "work"), "--out", str(out)],
+         "--steps", "2", "--val", "20", "--work", str(tmp_path / "work"), "--out", str(out)],
         capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT,
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -146,13 +146,14 @@ def test_downstream_memory_benchmark_writes_json(tmp_path):
     for x in rep["results"]:
         assert x["test_samples"] == x["train_samples"] // 6 and x["shard_mib_total"] > 0
         assert x["evaluate"]["eval_samples"] == x["test_samples"]  # the whole test split was scored
-        for stage in ("finetune", "evaluate"):
-            assert x[stage]["peak_rss_mib"] > 0 and x[stage]["seconds"] > 0
+        for stage in ("finetune", "evaluate", "control_load_split"):
+            assert x[stage]["peak_rss_mib"] >= x[stage]["run_peak_rss_mib"] > 0 and x[stage]["seconds"] > 0
         assert x["finetune"]["samples_per_s"] > 0
-    for stage in ("finetune", "evaluate"):
+    for stage in ("finetune", "evaluate", "control"):
         s = rep["summary"][stage]
-        assert s["ratio"] >= 1 and s["ratio"] == pytest.approx(s["max_peak_rss_mib"] / s["min_peak_rss_mib"])
-        assert isinstance(s["flat"], bool)
+        for x in (s, s["run"]):
+            assert x["ratio"] >= 1 and x["ratio"] == pytest.approx(x["max_peak_rss_mib"] / x["min_peak_rss_mib"])
+        assert stage == "control" or isinstance(s["flat"], bool)
     assert isinstance(rep["summary"]["flat"], bool) and rep["import_floor_rss_mib"] > 0
     assert rep["machine"]["cpu"] and rep["date"] and "downstream_memory.py" in rep["command"] and rep["seed"] == 0
     assert "finetune peak RSS MiB" in r.stdout and "| 80 |" in r.stdout  # the printed table

@@ -215,3 +215,40 @@ def test_soft_target_loss_and_drop_path(halves):
     assert [b.drop_path.p for b in model.blocks] == pytest.approx([0.0, 0.1, 0.2])
     with pytest.raises(ConfigError, match="image task only"):
         TaskConfig(mixup=0.8).validate("text")
+
+
+# ------------------------------------------------------------------------------ the speech recipe's schedule
+def test_tri_stage_schedule_matches_fairseqs_phases():
+    """fairseq ``tri_stage`` (vox_10h): 1% of the peak at step 0, the peak over the hold phase,
+    an exponential decay reaching the final lr at the end of the decay phase."""
+    from d2v.train.schedule import tri_stage_lr
+
+    total, peak, final = 1000, 1e-4, 5e-6
+    lr = [tri_stage_lr(s, peak, total, (0.1, 0.4, 0.5), final) for s in range(total + 5)]
+    assert lr[0] == pytest.approx(1e-6) and lr[50] == pytest.approx(1e-6 + (peak - 1e-6) * 0.5)
+    assert lr[100] == lr[499] == peak
+    assert lr[750] == pytest.approx(peak * (final / peak) ** 0.5)  # halfway through the decay: the geometric mean
+    assert lr[1000] == pytest.approx(final) and lr[1004] == final
+    assert all(a >= b for a, b in zip(lr[500:], lr[501:]))  # never rises after the hold
+
+
+def test_freeze_updates_train_only_the_head_first(halves, tmp_path):
+    from d2v.models import Data2Vec2
+    from d2v.models.heads import Classifier
+    from d2v.train.distributed import DistInfo
+    from d2v.train.finetune import train_classifier
+
+    cfg = make_cfg(halves, tmp_path, init="random", steps=5)
+    cfg.finetune.image.freeze_updates = 3
+    torch.manual_seed(0)
+    clf = Classifier(Data2Vec2(cfg.model), "image", 2)
+    enc0 = {k: v.clone() for k, v in clf.state_dict().items() if not k.startswith(("head.", "fc_norm."))}
+    head0 = clf.head.weight.detach().clone()
+    train_classifier(clf, cfg, "image", DistInfo(), progress=False, stop_after=3)
+    assert all(torch.equal(v, clf.state_dict()[k]) for k, v in enc0.items())  # frozen for 3 updates
+    assert not torch.equal(head0, clf.head.weight)  # while the head learned
+    torch.manual_seed(0)
+    clf = Classifier(Data2Vec2(cfg.model), "image", 2)
+    train_classifier(clf, cfg, "image", DistInfo(), progress=False)
+    assert not torch.equal(enc0["blocks.0.attn.qkv.weight"], clf.state_dict()["blocks.0.attn.qkv.weight"])
+    assert not clf.freeze_encoder

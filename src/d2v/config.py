@@ -280,6 +280,9 @@ class TaskConfig:
     mixup: float = 0.0  # MixUp alpha (MAE: 0.8); with cutmix, one of the two per batch
     cutmix: float = 0.0  # CutMix alpha (MAE: 1.0)
     drop_path: float = 0.0  # stochastic depth, rising linearly over the blocks to this rate (0: the model's own)
+    schedule: str = "cosine"  # cosine (warmup_steps, then to min_lr) | tri_stage (fairseq: phase_ratio, to min_lr)
+    phase_ratio: list[float] = field(default_factory=lambda: [0.1, 0.4, 0.5])  # tri_stage: warm-up, hold, decay
+    freeze_updates: int = 0  # the encoder is frozen (only the head trains) for these first steps (fairseq freeze_finetune_updates)
     eval_split: str = "test"  # reported accuracy; "val" is used during fine-tuning
     audio_seconds: float = 1.0  # speech: clips are centre-cropped / zero-padded to this length
     text_length: int = 64  # text: tokens per line (<s> + ids, padded)
@@ -309,6 +312,13 @@ class TaskConfig:
         _need(0 <= self.random_erasing <= 1, f"{k}.random_erasing", f"a probability, got {self.random_erasing}")
         _need(self.mixup >= 0 and self.cutmix >= 0, f"{k}.mixup", f"alphas must be >= 0, got {self.mixup}, {self.cutmix}")
         _need(0 <= self.drop_path < 1, f"{k}.drop_path", f"must be in [0, 1), got {self.drop_path}")
+        _need(self.schedule in ("cosine", "tri_stage"), f"{k}.schedule", f"cosine|tri_stage, got {self.schedule!r}")
+        _need(self.schedule != "tri_stage" or 0 < self.min_lr < self.lr, f"{k}.min_lr",
+              f"tri_stage decays exponentially to min_lr: it must be in (0, lr), got {self.min_lr}")
+        _need(len(self.phase_ratio) == 3 and all(r >= 0 for r in self.phase_ratio) and abs(sum(self.phase_ratio) - 1) < 1e-6,
+              f"{k}.phase_ratio", f"three shares (warm-up, hold, decay) summing to 1, got {self.phase_ratio}")
+        _need(0 <= self.freeze_updates < self.steps, f"{k}.freeze_updates",
+              f"must be in [0, steps={self.steps}), got {self.freeze_updates}")
         augments = self.random_resized_crop or self.rand_augment or self.random_erasing or self.mixup or self.cutmix
         _need(task == "image" or not augments, f"{k}", "image augmentations (random_resized_crop, rand_augment, "
               "random_erasing, mixup, cutmix) are for the image task only")

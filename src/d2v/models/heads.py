@@ -23,6 +23,7 @@ constant memory and W processes score exactly what one does. ``HEADS`` maps
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -87,6 +88,7 @@ class Classifier(nn.Module):
         self.pool_norm = pool_norm
         self.fc_norm = nn.LayerNorm(d, eps=1e-6) if pool_norm == "layer" else nn.BatchNorm1d(d, affine=False)
         self.head = nn.Linear(d, num_classes)
+        self.freeze_encoder = False  # True: features without gradient, only the head learns (freeze_finetune_updates)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
@@ -123,8 +125,9 @@ class Classifier(nn.Module):
         """Last-block output per token (extra tokens dropped), (B, T, D), and the padding mask."""
         if lengths is not None:
             self.encoder.check_input(source)  # before the lengths are read against its shape
-        f = encoder_features(self.encoder, self.blocks, source, self.token_padding(source, lengths),
-                             layerdrop=self.layerdrop)
+        with torch.no_grad() if self.freeze_encoder else contextlib.nullcontext():  # fairseq Wav2VecEncoder.forward
+            f = encoder_features(self.encoder, self.blocks, source, self.token_padding(source, lengths),
+                                 layerdrop=self.layerdrop)
         return f.x, f.padding_mask
 
     def features(self, source: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:

@@ -46,7 +46,7 @@ from d2v.models.config import ModelConfig
 from d2v.models.heads import Classifier, make_head
 from d2v.train import distributed
 from d2v.train.distributed import DistInfo
-from d2v.train.schedule import lr_at
+from d2v.train.schedule import lr_at, tri_stage_lr
 
 INITS = ("pretrained", "random")
 CHECKPOINT_FORMAT = "d2v-finetune"
@@ -180,7 +180,7 @@ def train_classifier(clf: Classifier, cfg: Config, task: str, info: DistInfo, *,
         if device.type == "cuda":  # one set of BatchNorm statistics over the global batch (CUDA only)
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(clf)
         net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None,
-                  find_unused_parameters=cfg.model.layerdrop > 0)
+                  find_unused_parameters=cfg.model.layerdrop > 0 or tc.freeze_updates > 0)
     bf16 = use_bf16(ft.precision, device)
     inputs = task_inputs(cfg, task, train=True)
     bar = tqdm(range(start, tc.steps), desc=desc, disable=not progress, unit="step", dynamic_ncols=True,
@@ -196,7 +196,9 @@ def train_classifier(clf: Classifier, cfg: Config, task: str, info: DistInfo, *,
                 next(it)
         batch = next(it)
         clf.check_data(batch)
-        lr = lr_at(step, tc.lr, tc.warmup_steps, tc.steps, tc.min_lr)
+        lr = (tri_stage_lr(step, tc.lr, tc.steps, tuple(tc.phase_ratio), tc.min_lr) if tc.schedule == "tri_stage"
+              else lr_at(step, tc.lr, tc.warmup_steps, tc.steps, tc.min_lr))
+        clf.freeze_encoder = step < tc.freeze_updates
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -222,6 +224,7 @@ def train_classifier(clf: Classifier, cfg: Config, task: str, info: DistInfo, *,
             save(step + 1, opt, losses)
         if stop_after is not None and step + 1 >= stop_after:
             break
+    clf.freeze_encoder = False
     return losses
 
 
