@@ -47,18 +47,32 @@ def extract(clf: Classifier, cfg: Config, task: str, split: str, max_n: int, inf
     tc, device = getattr(cfg.finetune, task), info.device
     clf.to(device).eval()
     inputs = task_inputs(cfg, task, pad_to_longest=True)
-    mine: list[tuple[int, np.ndarray, np.ndarray]] = []
+    # Rows go into one growing array, not a list of per-batch arrays: thousands of small arrays
+    # fragment the C heap (+60-80 MiB over 10,000 samples, BENCHMARKS.md "memory vs split size").
+    feats, labels = np.empty((0, 0), np.float32), np.empty(0, np.int64)
+    spans: list[tuple[int, int, int]] = []  # (batch index, first row, end row)
+    n = 0
     bar = tqdm(desc=desc, disable=not progress, unit="sample", leave=False, dynamic_ncols=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg.finetune.precision, device)):
         for i, b in eval_batches(cfg.data.root, inputs, split, tc.eval_batch_size, max_n, info.rank, info.world_size):
             f = clf.features(b.source.to(device), b.lengths).float().cpu().numpy()
-            mine.append((i, f, b.label.numpy()))
+            if n + len(f) > len(feats):
+                grown = np.empty((max(2 * len(feats), n + len(f), 1024), f.shape[1]), np.float32)
+                grown[:n] = feats[:n] if n else 0
+                feats = grown
+                labels = np.concatenate([labels[:n], np.empty(len(grown) - n, np.int64)])
+            feats[n : n + len(f)], labels[n : n + len(f)] = f, b.label.numpy()
+            spans.append((i, n, n + len(f)))
+            n += len(f)
             bar.update(len(b))
     bar.close()
-    parts = sorted((p for rank_parts in distributed.all_gather_object(mine) for p in rank_parts), key=lambda p: p[0])
-    if not info.is_main or not parts:
-        return np.zeros((0, 0)), np.zeros(0, dtype=np.int64)
-    return np.concatenate([p[1] for p in parts]).astype(np.float64), np.concatenate([p[2] for p in parts])
+    if info.distributed:  # every rank's batches, in split order, to rank 0
+        mine = [(i, feats[a:e], labels[a:e]) for i, a, e in spans]
+        parts = sorted((p for ps in distributed.all_gather_object(mine) for p in ps), key=lambda p: p[0])
+        if not info.is_main or not parts:
+            return np.zeros((0, 0)), np.zeros(0, dtype=np.int64)
+        return np.concatenate([p[1] for p in parts]).astype(np.float64), np.concatenate([p[2] for p in parts])
+    return feats[:n].astype(np.float64), labels[:n]
 
 
 def plot_confusion(m: np.ndarray, names: list[str], title: str, path: Path) -> None:
