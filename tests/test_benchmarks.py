@@ -157,3 +157,24 @@ def test_downstream_memory_benchmark_writes_json(tmp_path):
     assert isinstance(rep["summary"]["flat"], bool) and rep["import_floor_rss_mib"] > 0
     assert rep["machine"]["cpu"] and rep["date"] and "downstream_memory.py" in rep["command"] and rep["seed"] == 0
     assert "finetune peak RSS MiB" in r.stdout and "| 80 |" in r.stdout  # the printed table
+
+
+def test_finetune_loader_benchmark_writes_json(tmp_path):
+    """Two small batches of the image recipe on synthetic PNGs: both variants, the ratio to the
+    stated GPU estimate and its formula, and the printed table (numbers untested)."""
+    out = tmp_path / "fl.json"
+    r = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "benchmarks/finetune_loader.py"), "--batches", "1", "--batch-size", "4",
+         "--src", "64", "--size", "32", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert [x["variant"].split()[0] for x in rep["results"]] == ["plain", "MAE"]
+    gpu = rep["gpu_estimate"]["images_per_s"]
+    assert gpu == pytest.approx(989e12 * 0.45 / (3 * 2 * 86e6 * 197)) and "989e12" in rep["gpu_estimate"]["formula"]
+    for x in rep["results"]:
+        assert x["images_per_s_per_worker"] > 0
+        assert x["ratio_to_gpu_estimate"] == pytest.approx(x["images_per_s_per_worker"] / gpu)
+    assert rep["machine"]["cpu"] and rep["date"] and "finetune_loader.py" in rep["command"]
+    assert "images/s per worker" in r.stdout
