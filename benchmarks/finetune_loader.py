@@ -1,10 +1,11 @@
 """Fine-tuning loader throughput for the full-scale image recipe, per loader worker (one process).
 
-What one worker does per batch at ImageNet scale: decode PNGs (``--src`` px, RGB, as the shards
-hold them), then MAE's recipe from ``conf/finetune/base.yaml`` (RandomResizedCrop 224 bicubic + flip,
+What one worker does per batch at ImageNet scale: decode the stored images (``--src`` px, RGB; the
+shards keep a source's JPEG bytes as they are and hold PNG for other sources: both are timed),
+then MAE's recipe from ``conf/finetune/base.yaml`` (RandomResizedCrop 224 bicubic + flip,
 RandAugment 2 x 9, normalise, RandomErasing 0.25, MixUp 0.8 / CutMix 1.0 over 1,000 classes), or
 only decode + resize (``plain``). The images are synthetic (smooth random fields, which PNG
-compresses about as much as photos), made in memory: no dataset is needed.
+compresses about as much as photos; JPEG at quality 90), made in memory: no dataset is needed.
 
 The GPU side is an estimate, stated with its formula: ViT-B/16 fine-tuning costs about
 3 (forward + backward) x 2 x 86 M parameters x 197 tokens = 102 GFLOP per image, so an H100 at
@@ -43,7 +44,7 @@ def gpu_images_per_s() -> float:
     return H100_BF16_TFLOPS * 1e12 * MFU / flops
 
 
-def synthetic_samples(n: int, size: int, seed: int) -> list[dict]:
+def synthetic_samples(n: int, size: int, seed: int, fmt: str = "PNG") -> list[dict]:
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -52,9 +53,21 @@ def synthetic_samples(n: int, size: int, seed: int) -> list[dict]:
         small = rng.integers(0, 256, (size // 16, size // 16, 3), dtype=np.uint8)
         img = Image.fromarray(small).resize((size, size), Image.BICUBIC)  # smooth, like a photo's regions
         buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        out.append({"__key__": f"img{i}", "png": buf.getvalue(), "cls": int(rng.integers(0, 1000))})
+        img.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+        out.append({"__key__": f"img{i}", "jpg" if fmt == "JPEG" else "png": buf.getvalue(),
+                    "cls": int(rng.integers(0, 1000))})
     return out
+
+
+def time_collate(inputs: TaskInputs, samples: list[dict], batch_size: int, batches: int, size: int) -> float:
+    """Seconds per training batch of ``inputs.collate`` (after one warm-up batch)."""
+    inputs.collate(samples[:batch_size], "train")  # warm-up (imports, caches)
+    t0 = time.perf_counter()
+    for b in range(batches):
+        start = (b % 2) * batch_size
+        batch = inputs.collate(samples[start : start + batch_size], "train")
+    assert batch.source.shape == (batch_size, 3, size, size)
+    return (time.perf_counter() - t0) / batches
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("reports/bench/finetune_loader.json"))
     ns = p.parse_args(argv)
     torch.set_num_threads(1)  # one loader worker = one core
-    samples = synthetic_samples(ns.batch_size * 2, ns.src, ns.seed)
     variants = {
         "plain (decode + resize)": TaskInputs("image", ns.size, 3),
         "MAE recipe (crop, RandAugment, erasing, MixUp/CutMix)": TaskInputs(
@@ -75,22 +87,21 @@ def main(argv: list[str] | None = None) -> int:
     }
     gpu = gpu_images_per_s()
     rows = []
-    for name, inputs in variants.items():
-        inputs.collate(samples[: ns.batch_size], "train")  # warm-up (imports, caches)
-        t0 = time.perf_counter()
-        for b in range(ns.batches):
-            start = (b % 2) * ns.batch_size
-            batch = inputs.collate(samples[start : start + ns.batch_size], "train")
-        s = (time.perf_counter() - t0) / ns.batches
-        ips = ns.batch_size / s
-        assert batch.source.shape == (ns.batch_size, 3, ns.size, ns.size)
-        rows.append({"variant": name, "batch_s": s, "images_per_s_per_worker": ips,
-                     "ratio_to_gpu_estimate": ips / gpu, "workers_per_gpu": gpu / ips})
-    print(f"| variant | images/s per worker | / GPU estimate ({gpu:,.0f} img/s) | workers per GPU |")
-    print("|---|---|---|---|")
+    for fmt in ("PNG", "JPEG"):
+        samples = synthetic_samples(ns.batch_size * 2, ns.src, ns.seed, fmt)
+        stored_kib = sum(len(s.get("jpg", s.get("png"))) for s in samples) / len(samples) / 1024
+        for name, inputs in variants.items():
+            s = time_collate(inputs, samples, ns.batch_size, ns.batches, ns.size)
+            ips = ns.batch_size / s
+            rows.append({"variant": name, "stored": fmt, "stored_kib_per_image": round(stored_kib, 1), "batch_s": s,
+                         "images_per_s_per_worker": ips, "ratio_to_gpu_estimate": ips / gpu,
+                         "workers_per_gpu": gpu / ips})
+    print(f"| variant | stored as | KiB/image | images/s per worker | / GPU estimate ({gpu:,.0f} img/s) "
+          "| workers per GPU |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['images_per_s_per_worker']:.0f} | {r['ratio_to_gpu_estimate']:.3f} | "
-              f"{r['workers_per_gpu']:.0f} |")
+        print(f"| {r['variant']} | {r['stored']} | {r['stored_kib_per_image']:.0f} | {r['images_per_s_per_worker']:.0f} "
+              f"| {r['ratio_to_gpu_estimate']:.3f} | {r['workers_per_gpu']:.0f} |")
     write_report({
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "seed": ns.seed,
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),

@@ -9,6 +9,11 @@ for the MLflow runs the stages log, in ``mlflow ui``.
 Command line::
 
     python -m flows.sweep -g train.lr=1e-4,5e-4 -g model.depth=2,4 --experiment tiny
+    python -m flows.sweep --preset glue --experiment text_base     # the GLUE learning-rate grid
+
+Presets (:data:`PRESETS`) are the grids the paper's recipes prescribe: ``glue`` is the learning-rate
+sweep data2vec 2.0's README asks for on each GLUE task (fairseq ``cfg/text_finetuning``: lr in
+{1e-5, 2e-5, 4e-5, 6e-5}), over the text fine-tuning and evaluation stages only.
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ from flows.stages import check_repo, list_stages, require_git, resolve_stages
 from flows.streaming import dvc_exe, run_dvc, run_log, run_streaming
 
 DEFAULT_GRID: dict[str, list[Any]] = {"train.lr": [1e-4, 5e-4]}
+PRESETS: dict[str, dict[str, Any]] = {
+    "glue": {"grid": {"finetune.text.lr": [1e-5, 2e-5, 4e-5, 6e-5]}, "stages": ["finetune@text", "evaluate@text"],
+             "help": "data2vec 2.0's GLUE grid: finetune.text.lr in {1e-5, 2e-5, 4e-5, 6e-5}; text stages only"},
+}
 DEFAULT_SWEEP_TIMEOUT_S = 12 * 3600.0
 
 
@@ -182,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default=None, help="Hydra experiment shared by all combinations")
     p.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override shared by all combinations (repeatable)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a named grid (and its stages): " + "; ".join(f"{k}: {v['help']}" for k, v in PRESETS.items()))
     p.add_argument("--stage", action="append", default=[], metavar="NAME", help="stages to run (default: all)")
     p.add_argument("--prefix", default=None, help="experiment names <prefix>-1, ... (default: sweep-<time>)")
     p.add_argument("-j", "--jobs", type=int, default=1, help="experiments in parallel (default: 1)")
@@ -192,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    if ns.preset:  # the preset's grid and stages: -g axes are added to its grid, --stage replaces its stages
+        preset = PRESETS[ns.preset]
+        ns.stage = ns.stage or list(preset["stages"])
+        ns.grid = [f"{k}={','.join(map(str, v))}" for k, v in preset["grid"].items()] + ns.grid
     try:
         grid = parse_grid_arg(ns.grid) if ns.grid else None
         validate_sweep_args(ns.repo, grid, ns.experiment, ns.overrides, ns.stage or None)

@@ -160,8 +160,8 @@ def test_downstream_memory_benchmark_writes_json(tmp_path):
 
 
 def test_finetune_loader_benchmark_writes_json(tmp_path):
-    """Two small batches of the image recipe on synthetic PNGs: both variants, the ratio to the
-    stated GPU estimate and its formula, and the printed table (numbers untested)."""
+    """Two small batches of the image recipe on synthetic PNGs and JPEGs: both variants per format,
+    the ratio to the stated GPU estimate and its formula, and the printed table (speeds untested)."""
     out = tmp_path / "fl.json"
     r = subprocess.run(
         [sys.executable, str(PROJECT_ROOT / "benchmarks/finetune_loader.py"), "--batches", "1", "--batch-size", "4",
@@ -170,7 +170,9 @@ def test_finetune_loader_benchmark_writes_json(tmp_path):
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     rep = json.loads(out.read_text())
-    assert [x["variant"].split()[0] for x in rep["results"]] == ["plain", "MAE"]
+    assert [(x["stored"], x["variant"].split()[0]) for x in rep["results"]] == [
+        ("PNG", "plain"), ("PNG", "MAE"), ("JPEG", "plain"), ("JPEG", "MAE")]
+    assert all(x["stored_kib_per_image"] > 0 for x in rep["results"])
     gpu = rep["gpu_estimate"]["images_per_s"]
     assert gpu == pytest.approx(989e12 * 0.45 / (3 * 2 * 86e6 * 197)) and "989e12" in rep["gpu_estimate"]["formula"]
     for x in rep["results"]:

@@ -68,11 +68,13 @@ def make_cfg(root: Path, out: Path, init: str, steps: int = 40) -> Config:
 def save_pretrained(cfg: Config, path: Path) -> Path:
     """A pretraining-style checkpoint of a (briefly trained) model."""
     from d2v.config import to_dict
+    from d2v.train.checkpoint import input_preprocess
 
     torch.manual_seed(11)
     model = Data2Vec2(cfg.model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "config": to_dict(cfg), "step": 0}, path)
+    torch.save({"model": model.state_dict(), "config": to_dict(cfg), "step": 0,
+                "preprocess": input_preprocess(cfg)}, path)
     return path
 
 
@@ -82,6 +84,48 @@ def test_load_split_keeps_labels_and_limits(image_root):
     assert set(full.label.tolist()) == {0, 1}
     part = load_split(image_root, "image", "train", max_n=7)
     assert part.keys == full.keys[:7] and torch.equal(part.source, full.source[:7])
+
+
+def test_photo_datasets_are_normalised_with_imagenet_statistics_everywhere(image_root, tmp_path):
+    """Fashion-MNIST keeps its grey statistics; an image folder (ImageNet or your own photos) gets
+    ImageNet's per-channel ones (MAE's, and what a converted release checkpoint was trained on) in
+    fine-tuning, evaluation, the fine-tuning augmentation and ``d2v encode`` of the pretraining
+    checkpoint alike."""
+    from dataclasses import replace
+
+    from d2v.data import transforms
+    from d2v.data.downstream import task_inputs
+    from d2v.models.model_dir import load_model_dir
+
+    rgb = torch.rand(3, 28, 28)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    want = (rgb - mean.view(3, 1, 1)) / std.view(3, 1, 1)
+    assert torch.allclose(transforms.normalize_image(rgb, *transforms.image_stats("imagenet_folder")), want)
+    grey = rgb[:1]  # per-channel statistics on a grey image: their average
+    assert torch.allclose(transforms.normalize_image(grey, *transforms.image_stats("image_folder")),
+                          (grey - mean.mean()) / std.mean())
+    assert torch.equal(transforms.normalize_image(grey, *transforms.image_stats("fashion_mnist")),
+                       (grey - 0.2860) / 0.3530)
+    with pytest.raises(ValueError, match="3 mean values for 2 channels"):
+        transforms.normalize_image(torch.rand(2, 4, 4), *transforms.image_stats("image_folder"))
+
+    cfg = make_cfg(image_root, tmp_path, "random")
+    photo = replace(cfg, data=replace(cfg.data, image=replace(cfg.data.image, dataset="image_folder", folder="x")))
+    fm, ph = task_inputs(cfg, "image"), task_inputs(photo, "image")
+    sample = [{"__key__": "a", "cls": 0, "png": (image_root / "raw/image/files/img-train-0.png").read_bytes()}]
+    x = transforms.decode_image(sample[0]["png"])
+    assert torch.equal(fm.collate(sample).source[0], (x - 0.2860) / 0.3530)
+    assert torch.allclose(ph.collate(sample).source[0], (x - mean.mean()) / std.mean())
+    photo_ft = replace(photo, finetune=replace(photo.finetune, image=replace(photo.finetune.image, random_erasing=0.0,
+                                                                            random_resized_crop=0.5)))
+    aug = task_inputs(photo_ft, "image", train=True).augment
+    assert aug is not None and (aug.mean, aug.std) == transforms.image_stats("image_folder")
+    # the pretraining checkpoint records its dataset's normalisation for d2v encode
+    ck = save_pretrained(photo, tmp_path / "pre" / "checkpoint.pt")
+    _, info = load_model_dir(ck)
+    assert info["extra"]["preprocess"]["image"]["mean"] == list(transforms.IMAGENET_MEAN)
+    _, info = load_model_dir(save_pretrained(cfg, tmp_path / "pre2" / "checkpoint.pt"))
+    assert info["extra"]["preprocess"]["image"]["mean"] == [transforms.IMAGE_MEAN]
 
 
 def _text_split(root: Path, samples: list[dict]) -> None:

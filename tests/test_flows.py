@@ -248,6 +248,31 @@ def test_a_sweep_over_an_unknown_key_is_refused_before_queueing(toy_copy: Path):
     assert combos == [["model=small"], ["model=big"]] and base == ["experiment=fast"] and targets == ["train"]
 
 
+def test_the_glue_preset_is_the_papers_grid_and_valid_for_this_project(monkeypatch):
+    """``--preset glue``: the four learning rates data2vec 2.0's README sweeps per GLUE task, over the
+    text fine-tuning and evaluation stages of this project's dvc.yaml, checked against its params.yaml
+    and config groups before anything would be queued."""
+    import flows.sweep as sweep
+
+    preset = sweep.PRESETS["glue"]
+    root, combos, base, targets = sweep.validate_sweep_args(str(ROOT), preset["grid"], "text_base", None,
+                                                            preset["stages"])
+    assert combos == [[f"finetune.text.lr={lr}"] for lr in (1e-5, 2e-5, 4e-5, 6e-5)]
+    assert base == ["experiment=text_base"] and targets == ["finetune@text", "evaluate@text"]
+    from flows.errors import FlowInputError
+
+    seen = {}
+
+    def stop_before_queueing(*args):
+        seen["args"] = args
+        raise FlowInputError("stopped by the test")
+
+    monkeypatch.setattr(sweep, "validate_sweep_args", stop_before_queueing)
+    assert sweep.main(["--repo", str(ROOT), "--preset", "glue", "-g", "seed=1,2"]) == 2
+    assert seen["args"][1] == {"finetune.text.lr": ["1e-05", "2e-05", "4e-05", "6e-05"], "seed": ["1", "2"]}
+    assert seen["args"][4] == ["finetune@text", "evaluate@text"]
+
+
 def test_apply_params_composes_like_dvc_exp_run(toy_copy: Path):
     import yaml
 

@@ -111,6 +111,60 @@ def test_image_shards_round_trip_and_are_deterministic(tmp_path):
     assert first != {u: Path(u).read_bytes() for u in shard_urls(tmp_path, "image", "train")}, "seed has no effect"
 
 
+def test_jpeg_and_png_files_are_kept_as_they_are_other_formats_become_png(tmp_path):
+    """An ImageNet-style source: JPEG and PNG files go into the shards byte for byte (no re-encoding:
+    a JPEG re-encoded as PNG is ~5x larger and ~3x slower to decode); any other format is encoded
+    as PNG. Every stored image decodes to what PIL makes of the source file (CMYK and RGBA to RGB,
+    16-bit grey to grey), through the loaders' decoder too."""
+    base = raw_dir(tmp_path, "image")
+    (base / "f").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    files = {
+        "rgb.jpg": lambda p: Image.fromarray(rgb).save(p, quality=90),
+        "cmyk.jpg": lambda p: Image.fromarray(rgb).convert("CMYK").save(p, format="JPEG"),
+        "grey.png": lambda p: Image.fromarray(rgb[..., 0]).save(p),
+        "rgba.png": lambda p: Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(p),
+        "deep.png": lambda p: Image.fromarray(rgb[..., 0].astype(np.uint16) * 200).save(p),
+        "anim.gif": lambda p: Image.fromarray(rgb).convert("P").save(p),
+        "photo.png": lambda p: Image.fromarray(rgb).save(p, format="JPEG"),  # a JPEG named .png
+    }
+    rows = []
+    for name, make in files.items():
+        make(base / "f" / name)
+        rows.append(dict(key=name.replace(".", "_"), split="train", label="a", path=f"f/{name}", offset=-1,
+                         width=24, height=20))
+    write_manifest(manifest_path(tmp_path, "image", "train"), "image", rows)
+    for split in ("val", "test"):
+        write_manifest(manifest_path(tmp_path, "image", split), "image", rows[:1])
+    write_shards("image", tmp_path, seed=0, maxcount=100, min_shards=1, progress=False)
+    stored = {k: v for u in shard_urls(tmp_path, "image", "train") for k, v in read_tar(u).items()}
+    expect_ext = {"rgb_jpg": "jpg", "cmyk_jpg": "jpg", "grey_png": "png", "rgba_png": "png", "deep_png": "png",
+                  "anim_gif": "png", "photo_png": "jpg"}
+    for name in files:
+        key = name.replace(".", "_")
+        sample = stored[key]
+        ext = expect_ext[key]
+        assert ext in sample and ({"jpg", "png"} - {ext}).isdisjoint(sample), (key, sorted(sample))
+        src = (base / "f" / name).read_bytes()
+        assert (sample[ext] == src) == (key != "anim_gif"), key
+        with Image.open(base / "f" / name) as im:
+            want = np.asarray(im.convert("L" if im.mode in ("L", "I;16") else "RGB"))
+        got = transforms.decode_image_uint8(transforms.image_bytes({"__key__": key, **sample}), key)
+        assert got.dtype == torch.uint8 and got.shape == (want.shape[2] if want.ndim == 3 else 1, 20, 24), key
+        assert np.array_equal(got.permute(1, 2, 0).squeeze(-1).numpy(), want), key
+    # the pretraining loader reads them (1- and 3-channel alike, matched to the model's channels)
+    collate = loaders.ImageCollate(16, 3, train=False)
+    batch = collate([{"__key__": k, **v} for k, v in stored.items()])
+    assert batch.source.shape == (len(files), 3, 16, 16) and torch.isfinite(batch.source).all()
+    # a truncated JPEG stops the stage, naming the file
+    (base / "f" / "rgb.jpg").write_bytes((base / "f" / "rgb.jpg").read_bytes()[:200])
+    with pytest.raises(InputError, match=r"rgb\.jpg: cannot decode image"):
+        write_shards("image", tmp_path, seed=0, maxcount=100, min_shards=1, progress=False)
+    with pytest.raises(InputError, match=r"sample k: no \.jpg or \.png image"):
+        transforms.image_bytes({"__key__": "k", "json": b"{}"})
+
+
 def test_min_shards_splits_small_sets(tmp_path):
     make_image_data(tmp_path)
     s = write_shards("image", tmp_path, seed=0, maxcount=1000, min_shards=4, progress=False)

@@ -284,6 +284,12 @@ class TaskConfig:
     phase_ratio: list[float] = field(default_factory=lambda: [0.1, 0.4, 0.5])  # tri_stage: warm-up, hold, decay
     freeze_updates: int = 0  # the encoder is frozen (only the head trains) for these first steps (fairseq freeze_finetune_updates)
     eval_split: str = "test"  # reported accuracy; "val" is used during fine-tuning
+    # Speech fine-tuning-time masking of the CNN features, training only (fairseq vox_10h: 0.75 / 10,
+    # channels 0.25 / 64; d2v.models.heads.FrameMasking); probabilities 0 = off
+    mask_prob: float = 0.0  # time: span starts ~ mask_prob * frames / mask_length; masked frames become N(0, 0.01²) noise
+    mask_length: int = 10  # frames per time span
+    mask_channel_prob: float = 0.0  # channels: span starts ~ mask_channel_prob * D / mask_channel_length; zeroed over time
+    mask_channel_length: int = 64  # channels per channel span (< the model's embed_dim)
     audio_seconds: float = 1.0  # speech: clips are centre-cropped / zero-padded to this length
     text_length: int = 64  # text: tokens per line (<s> + ids, padded)
     probe_max_train: int = 10000  # linear probe: training samples for the logistic regression
@@ -323,6 +329,12 @@ class TaskConfig:
         _need(task == "image" or not augments, f"{k}", "image augmentations (random_resized_crop, rand_augment, "
               "random_erasing, mixup, cutmix) are for the image task only")
         _need(self.head != "ctc" or not (self.mixup or self.cutmix), f"{k}.mixup", "mixing needs class labels")
+        for key, span in (("mask_prob", "mask_length"), ("mask_channel_prob", "mask_channel_length")):
+            prob, length = getattr(self, key), getattr(self, span)
+            _need(0 <= prob <= 1, f"{k}.{key}", f"a probability in [0, 1] (0: off), got {prob}")
+            _need(prob == 0 or task == "speech", f"{k}.{key}",
+                  "time and channel masking (fairseq's vox fine-tuning) is for the speech task only; set it to 0")
+            _need(isinstance(length, int) and length >= 1, f"{k}.{span}", f"must be an integer >= 1, got {length!r}")
         return self
 
 
@@ -376,6 +388,10 @@ class Config:
               "the online probe reads the labelled shards: it needs data.source=shards (the pipeline's data)")
         self.data.validate()
         self.finetune.validate()
+        sp = self.finetune.speech
+        _need(sp.mask_channel_prob == 0 or self.model.speech is None or sp.mask_channel_length < self.model.embed_dim,
+              "finetune.speech.mask_channel_length", f"a span of channels: must be < model.embed_dim="
+              f"{self.model.embed_dim}, got {sp.mask_channel_length}")
         return self
 
 

@@ -2,7 +2,7 @@
 and ``Mixup``) built from ``torchvision.transforms.v2``.
 
 Per image: RandomResizedCrop (bicubic, scale ``(crop_scale, 1)``) + horizontal flip ->
-RandAugment (``ops`` x magnitude, on uint8 as timm's ``rand-m9``) -> [0, 1] -> the project's
+RandAugment (``ops`` x magnitude, on uint8 as timm's ``rand-m9``) -> [0, 1] -> the dataset's
 normalisation (:func:`d2v.data.transforms.image_tensor`) -> RandomErasing with per-pixel normal
 noise (timm's ``re_mode='pixel'``). Per batch: MixUp or CutMix (one of the two at random when
 both alphas are set, timm's ``switch_prob`` 0.5), giving soft targets; label smoothing is applied
@@ -36,6 +36,8 @@ class ImageAugment:
     cutmix: float = 0.0  # CutMix alpha (0: off)
     num_classes: int = 0
     seed: int = 0
+    mean: tuple[float, ...] = (transforms.IMAGE_MEAN,)  # transforms.image_stats(data.image.dataset)
+    std: tuple[float, ...] = (transforms.IMAGE_STD,)
 
     @property
     def mixes(self) -> bool:
@@ -60,11 +62,13 @@ class ImageAugment:
         return mix[0] if len(mix) == 1 else v2.RandomChoice(mix)
 
     def image(self, x: torch.Tensor) -> torch.Tensor:
-        """One decoded image, (C, H, W) float in [0, 1] -> the model's normalised input."""
+        """One decoded image, (C, H, W) uint8 -> the model's normalised input."""
+        if x.dtype != torch.uint8:
+            raise TypeError(f"ImageAugment.image takes uint8 (C, H, W), got {x.dtype}")
         geo_ra, erase = self._per_image
         if geo_ra is not None:
-            x = geo_ra((x * 255).round().to(torch.uint8)).float().div_(255)
-        x = transforms.image_tensor(x, self.size, self.in_chans)
+            x = geo_ra(x)
+        x = transforms.image_tensor(x.float().div_(255), self.size, self.in_chans, self.mean, self.std)
         return erase(x) if erase is not None else x
 
     def __call__(self, images: list[torch.Tensor], labels: torch.Tensor, keys: list[str]

@@ -16,7 +16,7 @@ Three readers over the WebDataset shards that ``d2v shard`` writes (unlabelled s
 
 Decoding and normalisation are :mod:`d2v.data.transforms`, as in pretraining and ``d2v encode``:
 
-* image: PNG -> [0, 1] -> resized to the model's input size -> normalised as in pretraining;
+* image: JPEG/PNG -> [0, 1] -> resized to the model's input size -> normalised as in pretraining;
 * speech: FLAC -> per-utterance standardised waveform; clips longer than ``audio_seconds`` are
   centre-cropped (counted: CTC refuses them); zero-padded to ``audio_seconds`` (training: a fixed
   shape) or to the batch's longest clip (evaluation, as fairseq's collater); ``lengths`` keep
@@ -90,6 +90,8 @@ class TaskInputs:
     text_length: int = 64
     pad_to_longest: bool = False  # speech: pad to the batch's longest clip, not to ``audio_seconds``
     augment: ImageAugment | None = None  # image training: the fine-tuning recipe's augmentation
+    image_mean: tuple[float, ...] = (transforms.IMAGE_MEAN,)  # image: transforms.image_stats(data.image.dataset)
+    image_std: tuple[float, ...] = (transforms.IMAGE_STD,)
 
     @property
     def max_samples(self) -> int:
@@ -99,11 +101,14 @@ class TaskInputs:
         keys = [s["__key__"] for s in samples]
         labels = torch.tensor([int(s["cls"]) for s in samples], dtype=torch.long)
         if self.modality == "image":
-            images = [transforms.decode_image(s["png"], f"sample {k}") for s, k in zip(samples, keys)]
-            if self.augment is not None:
+            if self.augment is not None:  # augments uint8, as timm's recipe does
+                images = [transforms.decode_image_uint8(transforms.image_bytes(s), f"sample {k}")
+                          for s, k in zip(samples, keys)]
                 src, soft = self.augment(images, labels, keys)
                 return LabelledSplit("image", split, src, labels, keys, soft_label=soft)
-            src = torch.stack([transforms.image_tensor(x, self.image_size, self.in_chans) for x in images])
+            images = [transforms.decode_image(transforms.image_bytes(s), f"sample {k}") for s, k in zip(samples, keys)]
+            src = torch.stack([transforms.image_tensor(x, self.image_size, self.in_chans, self.image_mean, self.image_std)
+                               for x in images])
             return LabelledSplit("image", split, src, labels, keys)
         if self.modality == "speech":
             target, wavs, cropped = self.max_samples, [], 0
@@ -140,12 +145,14 @@ def task_inputs(cfg: Any, task: str, pad_to_longest: bool = False, train: bool =
     if getattr(m, task, None) is None:
         raise InputError(f"model.{task} is not configured: cannot run the {task} task")
     if task == "image":
+        mean, std = transforms.image_stats(cfg.data.image.dataset)
         aug = None
         if train and (tc.random_resized_crop or tc.rand_augment or tc.random_erasing or tc.mixup or tc.cutmix):
             aug = ImageAugment(m.image.input_size, m.image.in_chans, tc.random_resized_crop, tc.rand_augment,
                                tc.rand_augment_magnitude, tc.random_erasing, tc.mixup, tc.cutmix,
-                               len(label_names(cfg.data.root, "image")), cfg.seed)
-        return TaskInputs("image", image_size=m.image.input_size, in_chans=m.image.in_chans, augment=aug)
+                               len(label_names(cfg.data.root, "image")), cfg.seed, mean, std)
+        return TaskInputs("image", image_size=m.image.input_size, in_chans=m.image.in_chans, augment=aug,
+                          image_mean=mean, image_std=std)
     if task == "speech":
         return TaskInputs("speech", sample_rate=m.speech.sample_rate, audio_seconds=tc.audio_seconds,
                           pad_to_longest=pad_to_longest)

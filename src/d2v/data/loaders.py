@@ -6,7 +6,7 @@ a seed of its own, so no rank runs dry and each epoch is a fixed number of batch
 shards, split by node then by worker,
 in order. Decoding and augmentation per modality:
 
-* image: PNG -> float in [0,1] -> (train) random-resized-crop + horizontal flip -> normalised;
+* image: JPEG/PNG -> float in [0,1] -> (train) random-resized-crop + horizontal flip -> normalised;
 * speech: FLAC -> float waveform -> per-utterance standardisation -> crop to the batch's
   shortest clip (random offset in training; fairseq crops rather than pads) -> capped length;
 
@@ -23,7 +23,7 @@ import functools
 import io
 import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +56,8 @@ def _check_key(sample: dict) -> dict:
 # ---------------------------------------------------------------------------------- collation
 class ImageCollate:
     def __init__(self, size: int, in_chans: int, train: bool, seed: int = 0, mask_fn: MaskFn | None = None,
-                 tokens: int = 0, mean: float = transforms.IMAGE_MEAN, std: float = transforms.IMAGE_STD):
+                 tokens: int = 0, mean: float | Sequence[float] = transforms.IMAGE_MEAN,
+                 std: float | Sequence[float] = transforms.IMAGE_STD):
         self.size, self.in_chans, self.train, self.mask_fn, self.tokens = size, in_chans, train, mask_fn, tokens
         self.mean, self.std = mean, std
         self.rng = random.Random(seed)
@@ -64,7 +65,7 @@ class ImageCollate:
     def __call__(self, samples: list[dict]) -> Batch:
         xs = []
         for s in samples:
-            x = transforms.decode_image(s["png"], f"sample {s['__key__']}")
+            x = transforms.decode_image(transforms.image_bytes(s), f"sample {s['__key__']}")
             if self.train:
                 x = transforms.random_resized_crop(x, self.size, self.rng)
                 if self.rng.random() < 0.5:
@@ -288,8 +289,9 @@ def make_train_loader(cfg: Any, modality: str, batch_size: int, batches_per_epoc
 
     mf = mask_fn if with_masks else None
     if modality == "image":
+        mean, std = transforms.image_stats(cfg.data.image.dataset)
         collate = ImageCollate(mc.input_size, mc.in_chans, train=True, seed=seed + rank, mask_fn=mf,
-                               tokens=masking.num_tokens("image", mc, ()))
+                               tokens=masking.num_tokens("image", mc, ()), mean=mean, std=std)
     elif modality == "speech":
         collate = SpeechCollate(mc.sample_rate, int(cfg.data.audio_seconds * mc.sample_rate), train=True,
                                 seed=seed + rank, mask_fn=mf, frames=tokens)

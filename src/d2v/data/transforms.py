@@ -4,9 +4,10 @@ Used by the pretraining loaders (:mod:`d2v.data.loaders`), the downstream splits
 (:mod:`d2v.data.downstream`) and ``d2v encode`` (:mod:`d2v.inference.encode`), so a picture, a clip
 or a line becomes the same tensor in all three.
 
-* image: PNG / uint8 array -> float ``(C, H, W)`` in [0, 1] -> resized to the model's size (bilinear)
-  -> grey/RGB matched to ``in_chans`` -> ``(x - mean) / std`` (Fashion-MNIST's training pixels by
-  default, harmless for other grey data); training adds a random-resized crop and a flip;
+* image: JPEG / PNG / uint8 array -> float ``(C, H, W)`` in [0, 1] -> resized to the model's size (bilinear)
+  -> grey/RGB matched to ``in_chans`` -> ``(x - mean) / std`` with the dataset's statistics
+  (:func:`image_stats`: Fashion-MNIST's own grey ones, else ImageNet's per-channel ones as MAE and
+  fairseq use); training adds a random-resized crop and a flip;
 * speech: FLAC/WAV -> mono float waveform at the model's sample rate -> per-utterance
   standardisation (fairseq's ``normalize=True``: ``F.layer_norm`` over the whole clip);
 * text: ``<s>`` + token ids, cut at a length, right-padded with ``<pad>``.
@@ -28,6 +29,14 @@ from d2v.data.tokenizer import BOS, PAD
 from d2v.errors import InputError
 
 IMAGE_MEAN, IMAGE_STD = 0.2860, 0.3530  # Fashion-MNIST training pixels
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # RGB (MAE, fairseq MaeImageDataset)
+
+
+def image_stats(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` per channel for ``data.image.dataset``: Fashion-MNIST's own grey statistics for
+    ``fashion_mnist``; ImageNet's for photo folders (``imagenet_folder``, ``image_folder``), as MAE's
+    and fairseq's pipelines normalise them, so a converted release checkpoint sees what it was trained on."""
+    return ((IMAGE_MEAN,), (IMAGE_STD,)) if dataset == "fashion_mnist" else (IMAGENET_MEAN, IMAGENET_STD)
 
 
 # ---------------------------------------------------------------------------------- image
@@ -37,16 +46,38 @@ def image_from_array(arr: np.ndarray) -> torch.Tensor:
     return x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
 
 
-def decode_image(png: bytes, where: str = "") -> torch.Tensor:
-    """PNG bytes -> float ``(C, H, W)`` in [0, 1]; a corrupt file is an ``InputError`` naming ``where``."""
+def pil_mode(mode: str) -> str:
+    """The mode a PIL image is converted to: grey stays grey (incl. 1-bit and 16-bit), all else RGB."""
+    return "L" if mode in ("L", "1", "I;16", "I;16B", "I;16L", "I", "F") else "RGB"
+
+
+def image_bytes(sample: dict) -> bytes:
+    """The encoded image of a shard sample (``jpg`` or ``png``, see :mod:`d2v.data.shards`)."""
+    data = sample.get("jpg", sample.get("png"))
+    if data is None:
+        raise InputError(f"sample {sample.get('__key__', '?')}: no .jpg or .png image in the shard "
+                         f"(it holds {sorted(k for k in sample if not k.startswith('__'))})")
+    return data
+
+
+def decode_image_uint8(data: bytes, where: str = "") -> torch.Tensor:
+    """JPEG/PNG bytes -> uint8 ``(C, H, W)``, C = 1 (grey) or 3; a corrupt file is an ``InputError``
+    naming ``where``."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(png)) as im:
-            arr = np.asarray(im)
-    except (OSError, UnidentifiedImageError) as e:
-        raise InputError(f"{where}: cannot decode image (corrupt PNG: {e})") from e
-    return image_from_array(arr)
+        with Image.open(io.BytesIO(data)) as im:
+            mode = pil_mode(im.mode)
+            arr = np.asarray(im if im.mode == mode else im.convert(mode))
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        raise InputError(f"{where}: cannot decode image (corrupt JPEG/PNG: {e})") from e
+    x = torch.from_numpy(arr.copy())
+    return x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
+
+
+def decode_image(data: bytes, where: str = "") -> torch.Tensor:
+    """JPEG/PNG bytes -> float ``(C, H, W)`` in [0, 1] (see :func:`decode_image_uint8`)."""
+    return decode_image_uint8(data, where).float().div_(255)
 
 
 def resize_image(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -63,14 +94,28 @@ def match_channels(x: torch.Tensor, in_chans: int) -> torch.Tensor:
     return x.mean(0, keepdim=True).expand(in_chans, -1, -1)
 
 
+def _channel_values(v: float | Sequence[float], channels: int, what: str) -> float | list[float]:
+    """One value for every channel, or one per channel; RGB values on a grey image are averaged."""
+    if isinstance(v, (int, float)):
+        return float(v)
+    vals = [float(a) for a in v]
+    if len(vals) == 1 or (channels == 1 and len(vals) > 1):
+        return sum(vals) / len(vals)
+    if len(vals) != channels:
+        raise ValueError(f"normalize_image: {len(vals)} {what} values for {channels} channels")
+    return vals
+
+
 def normalize_image(x: torch.Tensor, mean: float | Sequence[float] = IMAGE_MEAN,
                     std: float | Sequence[float] = IMAGE_STD) -> torch.Tensor:
-    """``(x - mean) / std``, per channel when ``mean``/``std`` are sequences."""
-    if isinstance(mean, (int, float)) and isinstance(std, (int, float)):
-        return (x - mean) / std
-    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-    return ((x - m) / s).contiguous()
+    """``(x - mean) / std`` of ``(C, H, W)``: one value for all channels or one per channel
+    (per-channel statistics on a grey image are averaged into one)."""
+    m, s = _channel_values(mean, x.shape[0], "mean"), _channel_values(std, x.shape[0], "std")
+    if isinstance(m, float) and isinstance(s, float):
+        return (x - m) / s
+    m_t = torch.tensor(m, dtype=torch.float32).expand(x.shape[0]).reshape(-1, 1, 1)
+    s_t = torch.tensor(s, dtype=torch.float32).expand(x.shape[0]).reshape(-1, 1, 1)
+    return ((x - m_t) / s_t).contiguous()
 
 
 def random_resized_crop(x: torch.Tensor, size: int, rng: random.Random, scale=(0.2, 1.0),

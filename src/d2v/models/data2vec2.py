@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -88,19 +89,26 @@ def token_padding_mask(enc: ModalityEncoder, source: torch.Tensor,
 
 def encoder_features(enc: ModalityEncoder, blocks: nn.ModuleList, source: torch.Tensor,
                      padding_mask: torch.Tensor | None = None, layer: int = -1, layerdrop: float = 0.0,
-                     all_layers: bool = False, local_out: torch.Tensor | None = None) -> Features:
+                     all_layers: bool = False, local_out: torch.Tensor | None = None,
+                     local_mask: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Features:
     """Unmasked ``source`` through ``enc`` (local + context encoder) and ``blocks[:layer + 1]``.
 
     The body of ``Data2Vec2.features``, for modules that hold a model's encoder and blocks without
     the rest (the fine-tuning heads). ``layerdrop`` applies in training mode only. ``local_out``:
     ``enc.local_encoder(source)`` computed earlier with the same weights (the online probe keeps the
-    frozen speech CNN's output), so the local encoder is not run again.
+    frozen speech CNN's output), so the local encoder is not run again. ``local_mask``: applied to
+    the projected local features ``(B, T, D)`` before the positional encoder and the context
+    encoder see them (fine-tuning-time time/channel masking, ``d2v.models.heads.FrameMasks``; the
+    fairseq ``ModalitySpecificEncoder.contextualized_features`` path with ``mask=True,
+    remove_masked=False``); None: unmasked, as everywhere else.
     """
     if not isinstance(source, torch.Tensor):
         raise InputError(f"source must be a torch.Tensor, got {type(source).__name__}")
     enc.check_input(source)
     li = layer_index(layer, len(blocks))
     local = enc.local_features(source) if local_out is None else enc.project_local(local_out)
+    if local_mask is not None:
+        local = local_mask(local)
     padding_mask = token_padding_mask(enc, source, padding_mask)
     ctx = enc.contextualize(local, padding_mask=padding_mask)
     run = blocks if li == len(blocks) - 1 else blocks[: li + 1]

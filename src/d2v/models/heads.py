@@ -12,6 +12,13 @@
 
 Token features come from ``encoder_features``, the body of ``Data2Vec2.features``.
 
+Fine-tuning-time masking (speech; fairseq's vox recipes, ``FrameMasking``): in training mode
+only, spans of frames of the projected CNN features are replaced by N(0, mask_noise_std²) noise
+and whole feature channels are zeroed, before the positional and context encoders; eval mode
+(``predict``, ``tally``, ``score``, feature extraction) never masks. Masks are drawn per sample
+on the CPU from a generator seeded by (seed, step, sample key) (``frame_mask_seeds``), so both
+inits, every world size and a resumed run draw the same masks.
+
 A head trains on and scores batches: any object with ``source``, ``lengths``, ``label`` and
 ``keys`` (CTC: also ``texts``, ``split``, ``modality``, ``cropped``), e.g.
 ``d2v.data.downstream.LabelledSplit``. Scoring is a stream of batches: each batch gives additive
@@ -24,14 +31,16 @@ constant memory and W processes score exactly what one does. ``HEADS`` maps
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from d2v.errors import InputError
+from d2v.errors import ConfigError, InputError
 
 from .ctc import LETTERS, ctc_loss, decode_letters, error_counts, reference
 from .data2vec2 import Data2Vec2, encoder_features
@@ -64,6 +73,120 @@ def _add_tally(total: dict[str, Any], part: dict[str, Any]) -> None:
 EXAMPLES = 3  # transcripts a CTC score keeps to show
 
 
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning-time time and channel masking (speech)
+# ---------------------------------------------------------------------------------------------
+def span_mask(size: int, prob: float, span: int, min_spans: int, generator: torch.Generator) -> torch.Tensor:
+    """Sorted positions (long) masked in one row of ``size`` valid positions: fairseq's
+    ``compute_mask_indices`` (``fairseq/data/data_utils.py``) for one row with its defaults
+    (``mask_type="static"``, ``no_overlap=False``, ``num_mask_ver=2``, ``idc_select_ver=1``).
+
+    ``max(min_spans, int(prob * size / span + U[0, 1)))`` span starts, drawn without replacement
+    from ``0 .. size - span - 1`` (so the last position is never covered, as in fairseq), each
+    masking ``span`` positions; spans may overlap, so fewer than ``prob * size`` positions are
+    masked. Deviations, only where fairseq raises: a row of under 2 positions is never masked, and
+    a draw that would mask every position leaves one random position unmasked.
+    """
+    if size < 2 or prob <= 0:
+        return torch.empty(0, dtype=torch.long)
+    num = max(min_spans, int(prob * size / span + float(torch.rand((), generator=generator))))
+    if num <= 0:
+        return torch.empty(0, dtype=torch.long)
+    min_len = span
+    if size - min_len <= num:
+        min_len = size - num - 1
+    starts = torch.randperm(size - min_len, generator=generator)[:num]  # rng.choice(size - min_len, num, replace=False)
+    idx = (starts[:, None] + torch.arange(span)).flatten()
+    idx = torch.unique(idx[idx < size])
+    if idx.numel() >= size:  # fairseq: ValueError("the entire sequence is masked")
+        idx = idx[idx != int(torch.randint(size, (), generator=generator))]
+    return idx
+
+
+def frame_mask_seeds(seed: int, step: int, keys: Sequence[str]) -> list[int]:
+    """One mask seed per sample from the run's seed, the step and the sample's key (crc32, stable
+    across processes): the same for both inits, any world size and a resumed run."""
+    base = zlib.crc32(f"frame-mask {step}".encode(), seed & 0xFFFFFFFF)
+    return [zlib.crc32(str(k).encode("utf-8"), base) for k in keys]
+
+
+@dataclass(frozen=True)
+class FrameMasks:
+    """One batch's fine-tuning masks, drawn on the CPU (``FrameMasking.draw``)."""
+
+    time: torch.Tensor  # (B, T) bool: True = frame replaced by noise
+    channel: torch.Tensor  # (B, D) bool: True = channel zeroed at every frame of the sample
+    seeds: tuple[int, ...] = ()  # per sample: the seed of its noise
+    noise_std: float = 0.01
+
+    def noise(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The replacement frames ``(time.sum(), D)`` in row-major order of ``time``: N(0, noise_std²),
+        drawn on ``device`` (no host-to-device copy of a 35 s clip's noise) from a generator seeded
+        per sample, so they too are the same for both inits and after a resume."""
+        d, parts = self.channel.shape[1], []
+        for n, seed in zip(self.time.sum(1).tolist(), self.seeds):
+            if n:
+                g = torch.Generator(device=device).manual_seed(_noise_seed(seed))
+                parts.append(torch.randn(n, d, generator=g, device=device))
+        return (torch.cat(parts) * self.noise_std if parts else torch.zeros(0, d, device=device)).to(dtype)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Mask the local features ``x`` (B, T, D) (out of place): fairseq
+        ``ModalitySpecificEncoder.apply_mask`` with ``encoder_zero_mask=False`` (fine-tuning's
+        ``zero_mask`` default): masked frames become noise, then the masked channels are zeroed
+        over the whole sample (the noise frames too, as there)."""
+        if bool(self.time.any()):
+            x = x.index_put((self.time.to(x.device),), self.noise(x.device, x.dtype))
+        if bool(self.channel.any()):
+            x = x.masked_fill(self.channel.to(x.device).unsqueeze(1), 0.0)
+        return x
+
+
+def _noise_seed(seed: int) -> int:
+    return (int(seed) * 0x9E3779B1 + 0x5EED) & 0xFFFFFFFFFFFF  # another stream than the mask's own generator
+
+
+@dataclass(frozen=True)
+class FrameMasking:
+    """fairseq's fine-tuning masks of the vox recipes (``Wav2VecEncoder`` passes ``mask_prob``,
+    ``mask_length``, ``mask_channel_prob``, ``mask_channel_length`` into the audio encoder's
+    config; ``extract_features(mask=self.apply_mask and self.training)``): time spans of
+    ``mask_length`` frames (``compute_mask(..., min_masks=1)``) and channel spans of
+    ``mask_channel_length`` channels (``apply_mask``), probabilities 0 = off.
+
+    Deviation from fairseq: each sample keeps its own masked count. fairseq's
+    ``require_same_masks=True`` trims every row to the batch's smallest count, which only matters
+    when masked tokens are dropped (pretraining); fine-tuning keeps them, and our batches are
+    padded to ``audio_seconds`` rather than bucketed by length as fairseq's, so trimming would cut
+    a long clip's masking to the shortest clip's count. Per-sample masks also make a sample's
+    mask independent of its batch (and of the world size)."""
+
+    mask_prob: float = 0.0
+    mask_length: int = 10
+    mask_channel_prob: float = 0.0
+    mask_channel_length: int = 64
+
+    @property
+    def active(self) -> bool:
+        return self.mask_prob > 0 or self.mask_channel_prob > 0
+
+    def draw(self, valid: Sequence[int], frames: int, dim: int, seeds: Sequence[int],
+             noise_std: float = 0.01) -> FrameMasks:
+        """Masks of a batch of ``len(valid)`` samples of ``frames`` frames (``valid[i]`` of them
+        real, the rest padding, never masked) and ``dim`` channels; ``seeds``: one per sample."""
+        if len(seeds) != len(valid):
+            raise InputError(f"need one mask seed per sample: {len(valid)} samples, {len(seeds)} seeds")
+        time = torch.zeros(len(valid), frames, dtype=torch.bool)
+        channel = torch.zeros(len(valid), dim, dtype=torch.bool)
+        for i, (n, seed) in enumerate(zip(valid, seeds)):
+            g = torch.Generator().manual_seed(int(seed))
+            if self.mask_prob > 0:
+                time[i, span_mask(min(max(int(n), 0), frames), self.mask_prob, self.mask_length, 1, g)] = True
+            if self.mask_channel_prob > 0:
+                channel[i, span_mask(dim, self.mask_channel_prob, self.mask_channel_length, 0, g)] = True
+        return FrameMasks(time, channel, tuple(int(x) for x in seeds), noise_std)
+
+
 class Classifier(nn.Module):
     """``model(source, lengths=None) -> logits``; ``features(...)`` gives the pooled vector."""
 
@@ -89,6 +212,7 @@ class Classifier(nn.Module):
         self.fc_norm = nn.LayerNorm(d, eps=1e-6) if pool_norm == "layer" else nn.BatchNorm1d(d, affine=False)
         self.head = nn.Linear(d, num_classes)
         self.freeze_encoder = False  # True: features without gradient, only the head learns (freeze_finetune_updates)
+        self.masking = FrameMasking()  # fine-tuning-time time/channel masking (speech, training mode only): off
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
@@ -108,6 +232,29 @@ class Classifier(nn.Module):
     def from_config(cls, backbone: Data2Vec2, meta: dict[str, Any]) -> Classifier:
         return cls(backbone, meta["modality"], int(meta["num_classes"]), pool_norm=meta.get("pool_norm", "layer"))
 
+    def set_masking(self, masking: FrameMasking, where: str = "finetune.speech") -> None:
+        """Turn fine-tuning-time masking on (or off); ``where`` names the config section in errors."""
+        if masking.active and self.modality != "speech":
+            raise ConfigError(f"{where}.mask_prob / mask_channel_prob: time and channel masking is for speech only, "
+                              f"not {self.modality}")
+        d = self.model_cfg.embed_dim
+        if masking.mask_channel_prob > 0 and not 1 <= masking.mask_channel_length < d:
+            raise ConfigError(f"{where}.mask_channel_length: must be in [1, embed_dim={d}) (a span of channels), "
+                              f"got {masking.mask_channel_length}")
+        if masking.mask_prob > 0 and masking.mask_length < 1:
+            raise ConfigError(f"{where}.mask_length: must be >= 1, got {masking.mask_length}")
+        self.masking = masking
+
+    def draw_masks(self, source: torch.Tensor, padding: torch.Tensor | None,
+                   mask_seeds: Sequence[int] | None) -> FrameMasks:
+        """This batch's masks; ``padding`` (B, T) True = pad, on the CPU. Without ``mask_seeds``
+        (a direct call, not the training loop) the seeds come from the global torch RNG."""
+        b, t = source.shape[0], self.encoder.num_tokens(tuple(source.shape))
+        valid = [t] * b if padding is None else (~padding).sum(1).tolist()
+        if mask_seeds is None:
+            mask_seeds = torch.randint(0, 2**31 - 1, (b,)).tolist()
+        return self.masking.draw(valid, t, self.model_cfg.embed_dim, mask_seeds, self.encoder.mcfg.mask_noise_std)
+
     # -- features -------------------------------------------------------------------------------
     def token_padding(self, source: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor | None:
         """Token-level padding (True = pad) from per-sample lengths (speech samples, text tokens)."""
@@ -120,25 +267,33 @@ class Classifier(nn.Module):
             frames, t = lengths.cpu(), source.shape[1]
         return torch.arange(t).unsqueeze(0) >= frames.unsqueeze(1)
 
-    def token_features(self, source: torch.Tensor, lengths: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Last-block output per token (extra tokens dropped), (B, T, D), and the padding mask."""
-        if lengths is not None:
+    def token_features(self, source: torch.Tensor, lengths: torch.Tensor | None = None,
+                       mask_seeds: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Last-block output per token (extra tokens dropped), (B, T, D), and the padding mask.
+
+        In training mode with ``masking`` on, the local features are masked first (``FrameMasks``);
+        ``mask_seeds``: one per sample (``frame_mask_seeds``)."""
+        masked = self.training and self.masking.active
+        if lengths is not None or masked:
             self.encoder.check_input(source)  # before the lengths are read against its shape
+        padding = self.token_padding(source, lengths)
+        local_mask = self.draw_masks(source, padding, mask_seeds).apply if masked else None
         with torch.no_grad() if self.freeze_encoder else contextlib.nullcontext():  # fairseq Wav2VecEncoder.forward
-            f = encoder_features(self.encoder, self.blocks, source, self.token_padding(source, lengths),
-                                 layerdrop=self.layerdrop)
+            f = encoder_features(self.encoder, self.blocks, source, padding, layerdrop=self.layerdrop,
+                                 local_mask=local_mask)
         return f.x, f.padding_mask
 
-    def features(self, source: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        x, pad = self.token_features(source, lengths)
+    def features(self, source: torch.Tensor, lengths: torch.Tensor | None = None,
+                 mask_seeds: Sequence[int] | None = None) -> torch.Tensor:
+        x, pad = self.token_features(source, lengths, mask_seeds)
         if pad is None:
             return x.mean(1)
         keep = (~pad).unsqueeze(-1).to(x.dtype)
         return (x * keep).sum(1) / keep.sum(1).clamp_min(1)
 
-    def forward(self, source: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.fc_norm(self.features(source, lengths)))
+    def forward(self, source: torch.Tensor, lengths: torch.Tensor | None = None,
+                mask_seeds: Sequence[int] | None = None) -> torch.Tensor:
+        return self.head(self.fc_norm(self.features(source, lengths, mask_seeds)))
 
     # -- training -------------------------------------------------------------------------------
     def check_data(self, data: LabelledData) -> None:
@@ -244,8 +399,9 @@ class CTCRecognizer(Classifier):
     def from_config(cls, backbone: Data2Vec2, meta: dict[str, Any]) -> CTCRecognizer:
         return cls(backbone)
 
-    def forward(self, source: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.token_features(source, lengths)[0]).log_softmax(-1)
+    def forward(self, source: torch.Tensor, lengths: torch.Tensor | None = None,
+                mask_seeds: Sequence[int] | None = None) -> torch.Tensor:
+        return self.head(self.token_features(source, lengths, mask_seeds)[0]).log_softmax(-1)
 
     def _frames(self, t: int, batch: int, lengths: torch.Tensor | None) -> torch.Tensor:
         if lengths is None:

@@ -263,9 +263,12 @@ def _load_file(path: Path, map_location: str, tokenizer_fallback: Path | None = 
     train = config.get("train") if isinstance(config.get("train"), Mapping) else {}
     objective = str(train.get("objective", "data2vec2"))
     model = _build(config["model"], encoder_state(obj["model"]), str(path), map_location)
+    extra: dict[str, Any] = {"step": obj.get("step"), "objective": objective}
+    if isinstance(obj.get("preprocess"), Mapping):  # how its inputs were prepared (d2v encode does the same)
+        extra["preprocess"] = dict(obj["preprocess"])
     info = {
         "format": FORMAT, "kind": "checkpoint", "path": str(path), "model": model_config_to_dict(model.cfg),
-        "source": f"pretrain:{path.name}", "extra": {"step": obj.get("step"), "objective": objective},
+        "source": f"pretrain:{path.name}", "extra": extra,
         "tokenizer": _project_tokenizer(path, config, model.cfg, tokenizer_fallback),
     }
     return model, info

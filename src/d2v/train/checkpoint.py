@@ -48,7 +48,19 @@ def checkpoint_state(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Co
         "config": to_dict(cfg), "world_size": info.world_size,
         "rng": [{"cpu": r["cpu"].cpu(), "cuda": r["cuda"].cpu()} for r in rngs],
         "data": data_position(cfg, step, info.world_size),
+        "preprocess": input_preprocess(cfg),
     }
+
+
+def input_preprocess(cfg: Config) -> dict:
+    """How the checkpoint's inputs were prepared, for ``d2v encode`` (the model folder's
+    ``extra.preprocess``): the image normalisation of ``data.image.dataset``."""
+    from d2v.data.transforms import image_stats
+
+    if cfg.model.image is None:
+        return {}
+    mean, std = image_stats(cfg.data.image.dataset)
+    return {"image": {"mean": list(mean), "std": list(std), "resize": None}}
 
 
 def config_diff(saved: Any, current: Any, prefix: str) -> list[str]:

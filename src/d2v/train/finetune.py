@@ -43,7 +43,7 @@ from d2v.io import atomic_save, torch_load_checked
 from d2v.models import Data2Vec2
 from d2v.models.classifier_dir import save_classifier
 from d2v.models.config import ModelConfig
-from d2v.models.heads import Classifier, make_head
+from d2v.models.heads import Classifier, FrameMasking, frame_mask_seeds, make_head
 from d2v.train import distributed
 from d2v.train.distributed import DistInfo
 from d2v.train.schedule import lr_at, tri_stage_lr
@@ -70,8 +70,11 @@ def load_backbone(init: str, model_cfg: ModelConfig, seed: int, map_location: st
 def make_model(backbone: Data2Vec2, task: str, tc: TaskConfig, num_classes: int) -> Classifier:
     """The fine-tuning model of ``task``: the head ``tc.head`` names (``d2v.models.heads.HEADS``);
     ``tc.drop_path`` > 0 sets stochastic depth rising linearly over the blocks, 0 up to it (MAE's
-    ``drop_path_rate``, fairseq ``MaeImageClassificationModel``'s linspace)."""
+    ``drop_path_rate``, fairseq ``MaeImageClassificationModel``'s linspace); ``tc.mask_prob`` /
+    ``tc.mask_channel_prob`` > 0 turn on speech's fine-tuning-time masking (``FrameMasking``)."""
     clf = make_head(tc.head, backbone, task, num_classes, freeze_local=tc.freeze_local, pool_norm=tc.pool_norm)
+    clf.set_masking(FrameMasking(tc.mask_prob, tc.mask_length, tc.mask_channel_prob, tc.mask_channel_length),
+                    f"finetune.{task}")
     if tc.drop_path > 0:
         n = len(clf.blocks)
         for i, block in enumerate(clf.blocks):
@@ -201,8 +204,10 @@ def train_classifier(clf: Classifier, cfg: Config, task: str, info: DistInfo, *,
         clf.freeze_encoder = step < tc.freeze_updates
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
+        # per-sample masks of (seed, step, key): the same for both inits, any world size, a resume
+        seeds = frame_mask_seeds(cfg.seed, step, batch.keys) if clf.masking.active else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = net(batch.source.to(device), batch.lengths)
+            out = net(batch.source.to(device), batch.lengths, mask_seeds=seeds)
         loss = clf.loss(out.float(), clf.targets(batch), label_smoothing=tc.label_smoothing)
         logged = float(distributed.all_reduce_mean(loss.detach().clone()))  # the global batch's mean loss
         if not np.isfinite(logged):
