@@ -132,6 +132,45 @@ def test_word_accuracy_and_scores():
                     torch.device("cpu"))
 
 
+def test_librispeech_subsets_are_scored_on_their_own():
+    """A LibriSpeech test split holds test-clean and test-other (dev: dev-clean and dev-other), and
+    papers report each: the collate tags every clip by the subset in its path, and the CTC scores
+    give ``wer_<subset>`` computed on that subset's clips alone, additive over batches and ranks."""
+    import io
+    import json
+
+    import numpy as np
+    import soundfile as sf
+
+    from d2v.data.downstream import TaskInputs
+    from d2v.models.ctc import EVAL_SUBSETS, subset_index
+
+    assert subset_index("LibriSpeech/test-other/1/2/1-2-0003.flac") == EVAL_SUBSETS.index("test-other")
+    assert subset_index("LibriSpeech/train-clean-100/1/2/x.flac") == -1 and subset_index("words/up.flac") == -1
+    rng = np.random.default_rng(0)
+    paths = ["LibriSpeech/test-clean/1/1/a.flac", "LibriSpeech/test-other/2/2/b.flac",
+             "LibriSpeech/test-other/3/3/c.flac", "espeak/d.flac"]
+    samples = []
+    for i, (path, text) in enumerate(zip(paths, ["up", "go left", "no way", "stop"])):
+        buf = io.BytesIO()
+        sf.write(buf, (rng.standard_normal(SPEECH_SAMPLES - 500 * i) * 3000).astype(np.int16), 16000, format="FLAC")
+        samples.append({"__key__": f"k{i}", "cls": -1, "flac": buf.getvalue(),
+                        "json": json.dumps({"label": text, "path": path}).encode()})
+    inputs = TaskInputs("speech", audio_seconds=SPEECH_SAMPLES / 16000, pad_to_longest=True)
+    batch = inputs.collate(samples, "test")
+    assert batch.subset.tolist() == [2, 3, 3, -1]
+    model = _model().eval()
+    batches = [inputs.collate(samples[:2], "test"), inputs.collate(samples[2:], "test")]
+    hyps = [h for b in batches for h in model.transcribe(b.source, b.lengths)]
+    refs = [reference(t) for t in batch.texts]
+    scores = model.score(batches, torch.device("cpu"))
+    assert scores["wer"] == pytest.approx(error_rates(hyps, refs)[0])
+    assert (scores["wer_test_clean"], scores["cer_test_clean"]) == pytest.approx(error_rates(hyps[:1], refs[:1]))
+    assert (scores["wer_test_other"], scores["cer_test_other"]) == pytest.approx(error_rates(hyps[1:3], refs[1:3]))
+    assert not any(k.startswith(("wer_dev", "cer_dev")) for k in scores)
+    assert "test-other" in model.describe(scores)
+
+
 def test_ctc_loss_from_the_head_matches_the_letter_loss():
     """``head.loss(head(x), head.targets(batch))`` is ``ctc_loss`` on the same frames and texts."""
     model = _model().eval()

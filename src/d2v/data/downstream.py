@@ -41,6 +41,7 @@ from d2v.data.augment import ImageAugment
 from d2v.data.loaders import _check_key, _decoder, _maybe_labelled, _SeededShuffle, _shard_error, _worker_index
 from d2v.data.shards import shard_dir, shard_urls
 from d2v.errors import InputError
+from d2v.models.ctc import subset_index
 
 
 @dataclass
@@ -56,6 +57,7 @@ class LabelledSplit:
     texts: list[str] | None = None  # speech: the transcript (metadata ``label``), the CTC target
     cropped: int = 0  # speech: clips longer than ``audio_seconds``, centre-cropped (CTC refuses them)
     soft_label: torch.Tensor | None = None  # (N, classes): MixUp / CutMix targets of an augmented batch
+    subset: torch.Tensor | None = None  # speech: (N,) index in d2v.models.ctc.EVAL_SUBSETS (LibriSpeech), -1: none
 
     def __len__(self) -> int:
         return int(self.label.numel())
@@ -121,20 +123,31 @@ class TaskInputs:
             lengths = torch.tensor([w.numel() for w in wavs], dtype=torch.long)
             width = int(lengths.max()) if self.pad_to_longest else target
             src = torch.stack([F.pad(w, (0, width - w.numel())) for w in wavs])
-            return LabelledSplit("speech", split, src, labels, keys, lengths,
-                                 [_transcript(s, k) for s, k in zip(samples, keys)], cropped)
+            metas = [_meta(s, k) for s, k in zip(samples, keys)]
+            return LabelledSplit("speech", split, src, labels, keys, lengths, [_transcript(m, k) for m, k in zip(metas, keys)],
+                                 cropped, subset=torch.tensor([subset_index(str(m.get("path", ""))) for m in metas]))
         ids = [transforms.text_ids(s["ids.npy"], self.text_length) for s in samples]
         return LabelledSplit("text", split, transforms.pad_rows(ids, self.text_length), labels, keys,
                              torch.tensor([len(i) for i in ids], dtype=torch.long))
 
 
-def _transcript(sample: dict, key: str) -> str:
-    """The clip's transcript: the ``label`` of its JSON metadata (the word, or the LibriSpeech sentence)."""
+def _meta(sample: dict, key: str) -> dict:
+    """A sample's JSON metadata (the manifest row)."""
     try:
         meta = sample["json"]
-        return str((meta if isinstance(meta, dict) else json.loads(meta))["label"])
+        meta = meta if isinstance(meta, dict) else json.loads(meta)
     except (KeyError, ValueError, TypeError) as e:
-        raise InputError(f"{key}: shard sample has no readable JSON 'label' for its transcript ({e})") from e
+        raise InputError(f"{key}: shard sample has no readable JSON metadata ({e})") from e
+    if not isinstance(meta, dict):
+        raise InputError(f"{key}: shard sample's JSON metadata is a {type(meta).__name__}, not an object")
+    return meta
+
+
+def _transcript(meta: dict, key: str) -> str:
+    """The clip's transcript: the ``label`` of its JSON metadata (the word, or the LibriSpeech sentence)."""
+    if "label" not in meta:
+        raise InputError(f"{key}: shard sample has no readable JSON 'label' for its transcript (keys {sorted(meta)})")
+    return str(meta["label"])
 
 
 def task_inputs(cfg: Any, task: str, pad_to_longest: bool = False, train: bool = False) -> TaskInputs:
@@ -239,7 +252,8 @@ def concat(batches: list[LabelledSplit]) -> LabelledSplit:
         keys=[k for b in batches for k in b.keys],
         lengths=None if first.lengths is None else torch.cat([b.lengths for b in batches]),
         texts=None if first.texts is None else [t for b in batches for t in b.texts],
-        cropped=sum(b.cropped for b in batches))
+        cropped=sum(b.cropped for b in batches),
+        subset=None if first.subset is None else torch.cat([b.subset for b in batches]))
 
 
 def load_split(root: str | Path, modality: str, split: str, max_n: int = 0, *, image_size: int = 28,

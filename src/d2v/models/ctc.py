@@ -4,7 +4,9 @@
 The vocabulary is fairseq's letter dictionary without its special symbols: blank, ``|`` (the word
 boundary), the apostrophe and A-Z. Transcripts are upper-cased; other characters are dropped.
 Greedy decoding (best path, repeats merged, blanks dropped) gives the transcript. Scores: word
-error rate and character error rate (edit distance by ``torchaudio``).
+error rate and character error rate (edit distance by ``torchaudio``), over the whole split and,
+for LibriSpeech, per evaluation subset (:data:`EVAL_SUBSETS`: a split holds dev-clean and
+dev-other, or test-clean and test-other, and papers report each).
 """
 
 from __future__ import annotations
@@ -17,6 +19,13 @@ from d2v.errors import InputError
 BLANK = 0
 LETTERS = ["<blank>", "|", "'", *"ABCDEFGHIJKLMNOPQRSTUVWXYZ"]
 _INDEX = {c: i for i, c in enumerate(LETTERS)}
+EVAL_SUBSETS = ("dev-clean", "dev-other", "test-clean", "test-other")  # LibriSpeech's, each scored on its own
+
+
+def subset_index(path: str) -> int:
+    """Index in :data:`EVAL_SUBSETS` of a clip whose path is ``LibriSpeech/<subset>/...``, else -1."""
+    parts = str(path).split("/")
+    return EVAL_SUBSETS.index(parts[1]) if len(parts) > 2 and parts[0] == "LibriSpeech" and parts[1] in EVAL_SUBSETS else -1
 
 
 def encode_letters(text: str, key: str = "?") -> list[int]:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from d2v.errors import ConfigError, InputError
 
-from .ctc import LETTERS, ctc_loss, decode_letters, error_counts, reference
+from .ctc import EVAL_SUBSETS, LETTERS, ctc_loss, decode_letters, error_counts, reference
 from .data2vec2 import Data2Vec2, encoder_features
 
 
@@ -441,27 +441,45 @@ class CTCRecognizer(Classifier):
 
     # -- scoring --------------------------------------------------------------------------------
     def zero_tally(self) -> dict[str, Any]:
-        return {"edits": torch.zeros(5, dtype=torch.float64), "examples": []}
+        return {"edits": torch.zeros(5, dtype=torch.float64),
+                "subset_edits": torch.zeros(len(EVAL_SUBSETS), 5, dtype=torch.float64), "examples": []}
 
     @torch.no_grad()
     def tally(self, data: LabelledData, device: torch.device) -> dict[str, Any]:
-        """Word and character edit distances, reference lengths and clips; the first transcripts."""
+        """Word and character edit distances, reference lengths and clips, over the batch and per
+        LibriSpeech evaluation subset (``data.subset``, -1: none); the first transcripts."""
         self.eval()
         hyps = self.transcribe(data.source.to(device), data.lengths)
         assert data.texts is not None
         refs = [reference(t, k) for t, k in zip(data.texts, data.keys)]
+        per_subset = torch.zeros(len(EVAL_SUBSETS), 5, dtype=torch.float64)
+        subset = getattr(data, "subset", None)
+        if subset is not None:
+            for i in sorted(set(subset.tolist()) - {-1}):
+                rows = [j for j, s in enumerate(subset.tolist()) if s == i]
+                per_subset[i] = torch.tensor([*error_counts([hyps[j] for j in rows], [refs[j] for j in rows]),
+                                              len(rows)], dtype=torch.float64)
         return {"edits": torch.tensor([*error_counts(hyps, refs), len(refs)], dtype=torch.float64),
-                "examples": list(zip(refs, hyps))[:EXAMPLES]}
+                "subset_edits": per_subset, "examples": list(zip(refs, hyps))[:EXAMPLES]}
 
     def scores(self, totals: dict[str, Any]) -> dict[str, Any]:
-        """``{"accuracy": 1 - WER, "wer", "cer", "examples"}`` (greedy transcripts)."""
+        """``{"accuracy": 1 - WER, "wer", "cer", "examples"}`` (greedy transcripts), and
+        ``wer_<subset>`` / ``cer_<subset>`` (e.g. ``wer_test_other``) for each LibriSpeech evaluation
+        subset the split holds."""
         w_err, w_n, c_err, c_n, clips = totals["edits"].tolist()
         wer = w_err / max(1.0, w_n)
-        return {"accuracy": 1.0 - wer, "wer": wer, "cer": c_err / max(1.0, c_n), "samples": int(clips),
-                "examples": totals["examples"]}
+        out = {"accuracy": 1.0 - wer, "wer": wer, "cer": c_err / max(1.0, c_n), "samples": int(clips),
+               "examples": totals["examples"]}
+        for name, (sw, sw_n, sc, sc_n, s_clips) in zip(EVAL_SUBSETS, totals["subset_edits"].tolist()):
+            if s_clips:
+                tag = name.replace("-", "_")
+                out[f"wer_{tag}"], out[f"cer_{tag}"] = sw / max(1.0, sw_n), sc / max(1.0, sc_n)
+        return out
 
     def describe(self, scores: dict[str, Any]) -> str:
-        return (f"WER {scores['wer']:.4f}, CER {scores['cer']:.4f}; e.g. "
+        subsets = "".join(f", {n} {scores['wer_' + n.replace('-', '_')]:.4f}" for n in EVAL_SUBSETS
+                          if "wer_" + n.replace("-", "_") in scores)
+        return (f"WER {scores['wer']:.4f}{subsets}, CER {scores['cer']:.4f}; e.g. "
                 + "; ".join(f"{r!r} -> {h!r}" for r, h in scores["examples"]))
 
 

@@ -4,7 +4,8 @@
 
 * ``accuracy`` / ``baseline_accuracy``: the heads fine-tuned from the pretrained and from a
   random encoder (same budget, ``d2v finetune``), on ``finetune.<task>.eval_split``, with every
-  other score the head gives (a CTC head: ``wer``, ``cer``; accuracy = 1 - WER);
+  other score the head gives (a CTC head: ``wer``, ``cer``; accuracy = 1 - WER; on LibriSpeech
+  also per subset, e.g. ``wer_test_clean`` and ``wer_test_other``);
 * ``probe_accuracy`` / ``probe_baseline_accuracy``: an L2-regularised logistic regression on the
   frozen, mean-pooled last-block features of the pretrained and of a random encoder (standardised
   features, the same training subset, ``probe_max_train`` samples);
@@ -166,6 +167,7 @@ def _finish(cfg: Config, task: str, report: dict[str, Any], metrics_path: Path |
         tracker = Tracker(f"evaluate-{task}", {"task": task, **to_dict(cfg)}, tags={"stage": "evaluate", "task": task})
         tracker.log_shards(cfg.data.root, [task], "eval")
         metrics = {k: report[k] for k in ("accuracy", "baseline_accuracy", "probe_accuracy", "probe_baseline_accuracy")}
+        metrics.update({k: v for k, v in report.items() if k.startswith(("wer", "cer", "baseline_wer", "baseline_cer"))})
         tracker.log(metrics, 0)
         report["mlflow_run_id"] = tracker.run_id
         # The fine-tuning runs get their test accuracy too, so `mlflow ui` can sort them by it.
