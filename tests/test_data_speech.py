@@ -376,3 +376,34 @@ def test_librispeech_download_path_with_fake_download(tmp_path, monkeypatch):
     assert [r["label"] for r in m["val"]] == ["GO DO YOU HEAR", "BUT IN LESS THAN FIVE MINUTES"]
     again = sp.download_speech(cfg, root, seed=0, progress=False)
     assert again["skipped"] is True and len(calls) == 1
+
+
+def test_an_extracted_librispeech_folder_is_read_in_place(tmp_path, monkeypatch):
+    """``data.speech.folder``: a LibriSpeech copy you already have is linked, never downloaded or
+    copied; manifest paths keep ``LibriSpeech/<subset>/...`` (so evaluation can tell test-other
+    from test-clean); a folder without a requested subset is a clear error naming both."""
+    src = tmp_path / "src"
+    fake_librispeech(src)
+    folder = src / "LibriSpeech"
+
+    def no_download(*a, **kw):
+        raise AssertionError("downloaded although data.speech.folder was given")
+
+    monkeypatch.setitem(sys.modules, "d2v.data.download", types.SimpleNamespace(download_file=no_download))
+    cfg = SpeechDataConfig(dataset="librispeech", subsets=["train-clean-100", "dev-clean", "test-clean"],
+                           folder=str(folder))
+    root = tmp_path / "data"
+    out = sp.download_speech(cfg, root, seed=0, progress=False)
+    assert out["counts"] == {"train": 3, "val": 2, "test": 1}
+    link = raw_dir(root, "speech") / "LibriSpeech"
+    assert link.is_symlink() and link.resolve() == folder.resolve()
+    assert not list(raw_dir(root, "speech").rglob("*.flac"))  # no copies (rglob does not enter the link)
+    m = manifests(root)
+    assert all(r["path"].startswith("LibriSpeech/test-clean/") for r in m["test"])
+    assert not (folder / "dev-clean" / ".extracted").exists()  # nothing written into your folder
+    bad = SpeechDataConfig(dataset="librispeech", subsets=["dev-clean", "test-other"], folder=str(folder))
+    with pytest.raises(FileNotFoundError, match=r"LibriSpeech folder .*src/LibriSpeech has no test-other subfolder"):
+        sp.download_speech(bad, tmp_path / "data2", seed=0, progress=False)
+    with pytest.raises(FileNotFoundError, match=r"LibriSpeech folder not found: .*nowhere"):
+        sp.download_speech(SpeechDataConfig(dataset="librispeech", subsets=["dev-clean"], folder=str(tmp_path / "nowhere")),
+                           tmp_path / "data3", seed=0, progress=False)

@@ -141,7 +141,8 @@ def _check_fractions(prefix: str, val_fraction: float, test_fraction: float) -> 
 @dataclass
 class SpeechDataConfig:
     """``espeak_words``: spoken words synthesised with espeak-ng (no download beyond PyPI);
-    ``librispeech``: LibriSpeech subsets from openslr.org (needs internet);
+    ``librispeech``: LibriSpeech subsets from openslr.org (needs internet), or read in place from
+    ``folder`` when you have them extracted (the ``LibriSpeech/`` folder holding ``<subset>/``);
     ``audio_folder``: your own audio files under ``folder`` (optional ``labels.csv``)."""
 
     dataset: str = "espeak_words"
@@ -154,7 +155,8 @@ class SpeechDataConfig:
     test_voices: list[str] = field(default_factory=lambda: ["en-gb-scotland+m5", "en-us+klatt"])  # held out for test
     sample_rate: int = 16000
     subsets: list[str] = field(default_factory=lambda: ["train-clean-100", "dev-clean", "test-clean"])  # librispeech
-    folder: str = ""  # audio_folder: .wav/.flac/.ogg/.mp3 files under it (recursive), optional labels.csv
+    folder: str = ""  # audio_folder: .wav/.flac/.ogg/.mp3 files under it (recursive), optional labels.csv;
+    # librispeech: your extracted LibriSpeech/ folder (read in place, nothing downloaded)
     val_fraction: float = 0.1  # audio_folder: files held out (seeded) for val ...
     test_fraction: float = 0.1  # ... and for test
 

@@ -508,7 +508,7 @@ def _flite_one(job: tuple) -> tuple[dict | None, dict | None]:
     return row, None
 
 
-_LIBRISPEECH_FIELDS = ("dataset", "subsets", "sample_rate")
+_LIBRISPEECH_FIELDS = ("dataset", "subsets", "sample_rate", "folder")
 _AUDIO_FOLDER_FIELDS = ("dataset", "folder", "sample_rate", "val_fraction", "test_fraction")
 _NOT_ESPEAK = ("subsets", "folder", "val_fraction", "test_fraction")  # fields espeak_words does not read
 
@@ -773,6 +773,27 @@ def build_librispeech_manifests(speech_dir: Path, subsets: Iterable[str], sample
     return {"counts": counts, "quarantined": n_bad, "seconds": round(seconds, 3)}
 
 
+def _link_librispeech(folder: Path, speech_dir: Path, subsets: list[str]) -> None:
+    """``speech_dir/LibriSpeech`` -> your extracted ``LibriSpeech`` folder (the one holding
+    ``<subset>/<speaker>/<chapter>/``), so manifest paths stay ``LibriSpeech/<subset>/...``."""
+    folder = folder.expanduser().resolve()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"LibriSpeech folder not found: {folder} (data.speech.folder)")
+    missing = [s for s in subsets if not (folder / s).is_dir()]
+    if missing:
+        have = sorted(p.name for p in folder.iterdir() if p.is_dir())[:8]
+        raise FileNotFoundError(f"LibriSpeech folder {folder} has no {', '.join(missing)} subfolder "
+                                f"(data.speech.subsets; it holds {have or 'no folders'}): point data.speech.folder "
+                                "at the extracted LibriSpeech/ folder itself")
+    link = speech_dir / "LibriSpeech"
+    if link.is_symlink():
+        link.unlink()
+    elif link.exists():
+        raise FileExistsError(f"{link} exists (a downloaded copy) and is not a link; remove it to use "
+                              f"data.speech.folder={folder}")
+    link.symlink_to(folder, target_is_directory=True)
+
+
 def _build_librispeech(cfg: SpeechDataConfig, root: Path, seed: int, progress: bool) -> dict:
     from d2v.data.download import download_file  # lazy: optional until the librispeech path is used
 
@@ -790,7 +811,9 @@ def _build_librispeech(cfg: SpeechDataConfig, root: Path, seed: int, progress: b
         return out
     speech_dir.mkdir(parents=True, exist_ok=True)
     (speech_dir / STATE_FILE).unlink(missing_ok=True)
-    for subset in subsets:
+    if cfg.folder:  # a LibriSpeech copy you already have: linked and read in place, nothing downloaded
+        _link_librispeech(Path(cfg.folder), speech_dir, subsets)
+    for subset in subsets if not cfg.folder else ():
         done = speech_dir / "LibriSpeech" / subset / ".extracted"
         if done.is_file():
             continue
