@@ -10,9 +10,9 @@ The data are a few real files that the test writes, in the layouts the full-scal
 
 * image: an ImageNet folder (``train/<wnid>/*.JPEG``, ``val/<wnid>/*.JPEG``, one of them greyscale,
   as ImageNet has) read by ``data.image.dataset=imagenet_folder``;
-* speech: an extracted LibriSpeech tree (``LibriSpeech/<subset>/<speaker>/<chapter>/*.flac`` and
-  ``*.trans.txt``) where ``data.speech.dataset=librispeech`` extracts its download, so that source
-  builds its manifests from it without going online; the speech task is the recipe's letter CTC;
+* speech: an extracted LibriSpeech folder (``LibriSpeech/<subset>/<speaker>/<chapter>/*.flac`` and
+  ``*.trans.txt``), as a user who already has it, read in place by ``data.speech.dataset=librispeech``
+  with ``data.speech.folder`` (nothing downloaded); the speech task is the recipe's letter CTC;
 * text: a text folder (an unlabelled ``.txt`` corpus and a labelled ``.jsonl`` file) read by
   ``data.text.dataset=text_files``.
 
@@ -133,11 +133,8 @@ def utterance(text: str, seed: int) -> np.ndarray:
     return (0.3 * x / np.abs(x).max()).astype(np.float32)
 
 
-def write_librispeech(speech_dir: Path) -> dict[str, int]:
-    """An extracted LibriSpeech tree in ``<data.root>/raw/speech``, where the librispeech source
-    extracts its download, with the ``.extracted`` mark the source leaves after extracting a subset
-    (so it reads these folders and does not download)."""
-    ls = speech_dir / "LibriSpeech"
+def write_librispeech(ls: Path) -> dict[str, int]:
+    """An extracted ``LibriSpeech`` folder (``<subset>/<speaker>/<chapter>/``), as openslr's archives unpack."""
     counts = {"train": 0, "val": 0, "test": 0}
     split = {"train-clean-100": "train", "dev-clean": "val", "test-clean": "test"}
     for subset, chapters in LIBRISPEECH.items():
@@ -152,7 +149,6 @@ def write_librispeech(speech_dir: Path) -> dict[str, int]:
                 lines.append(f"{utt} {PHRASES[p]}")
                 counts[split[subset]] += 1
             (d / f"{spk}-{ch}.trans.txt").write_text("\n".join(lines) + "\n")
-        (ls / subset / ".extracted").write_text("ok\n")
     for name in ("LICENSE.TXT", "README.TXT"):
         (ls / name).write_text("LibriSpeech ASR corpus (test stand-in)\n")
     return counts
@@ -192,6 +188,7 @@ def overrides(task: str, tmp: Path) -> list[str]:
         data = ["data.image.dataset=imagenet_folder", f"data.image.folder={tmp / 'imagenet'}"]
     elif task == "speech":
         data = ["data.speech.dataset=librispeech",  # subsets: train-clean-100, dev-clean, test-clean
+                f"data.speech.folder={tmp / 'LibriSpeech'}",
                 # The recipe pads every training clip to 35 s (LibriSpeech's longest): 1750 frames
                 # through the 12 blocks, ~1.5 TFLOP per clip and step: about a minute per step at
                 # batch 2 on two cores.
@@ -288,7 +285,7 @@ def test_full_scale_dry_run(task: str, workdir: Path):
     if task == "image":
         expected = write_imagenet(tmp / "imagenet")
     elif task == "speech":
-        expected = write_librispeech(tmp / "data" / "raw" / "speech")
+        expected = write_librispeech(tmp / "LibriSpeech")
     else:
         n_text = write_text_folder(tmp / "text")
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db",

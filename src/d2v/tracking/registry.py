@@ -9,6 +9,12 @@ the alias ``champion`` only when a new version beats the current champion on its
 
 Every version carries the tags ``metric`` and ``metric_value``; the comparison reads the
 champion's tag, so it survives restarts and works across `dvc exp run` experiments.
+
+Two stages registering at once (``dvc queue start -j 2``) take turns: ``register_version`` holds
+an exclusive file lock beside the store (``mlflow_spool/registry.lock``) from creating the version
+to moving the alias. Without it both could read the old champion and both move the alias (the last write
+wins, even when it is the worse model or a tie), or both create the registered model (the second
+fails). The lock serialises processes on one machine; a remote tracking server is not covered.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -79,11 +87,29 @@ def _ensure_model(cl, name: str, description: str) -> None:
         cl.create_registered_model(name, description=description)
 
 
+@contextmanager
+def registry_lock() -> Iterator[None]:
+    """An exclusive lock, across processes, on the registry of the current store (see the module doc)."""
+    import fcntl
+
+    from d2v.tracking.mlflow_utils import spool_dir
+
+    path = spool_dir() / "registry.lock"  # beside the SQLite store, in a folder git ignores
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def register_version(cl, name: str, source: str, run_id: str, metric: str, value: float,
                      description: str = "", tags: dict[str, str] | None = None) -> Registration:
-    _ensure_model(cl, name, description)
-    mv = cl.create_model_version(name, source=source, run_id=run_id or None, tags=tags or {})
-    return promote_if_better(cl, name, mv.version, metric, value)
+    with registry_lock():  # version numbers in the order of the promotion decisions
+        _ensure_model(cl, name, description)
+        mv = cl.create_model_version(name, source=source, run_id=run_id or None, tags=tags or {})
+        return promote_if_better(cl, name, mv.version, metric, value)
 
 
 def _read(path: Path) -> dict:
@@ -127,7 +153,8 @@ def register_all(tasks: list[str], prefix: str, init: str, reports: Path = Path(
     tok = info.get("tokenizer") or (tokenizer if tokenizer is not None and tokenizer.is_file() else None)
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_model_dir(model, Path(tmp) / "encoder", tokenizer=tok, source="pretrain",
-                                extra={"probe_accuracy": {t: e["probe_accuracy"] for t, e in evals.items()}})
+                                extra={"probe_accuracy": {t: e["probe_accuracy"] for t, e in evals.items()},
+                                       **{k: v for k, v in (info.get("extra") or {}).items() if k == "preprocess"}})
         uri = log_encoder(folder, run_id, artifact_path="encoder")
     regs.append(register_version(
         cl, f"{prefix}-encoder", uri, run_id, "mean_probe_accuracy", probe,
