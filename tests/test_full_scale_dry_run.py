@@ -204,7 +204,9 @@ def overrides(task: str, tmp: Path) -> list[str]:
                 "data.tokenizer.vocab_size=200",
                 # The recipe pads every sentence to 512 tokens (RoBERTa's limit): 8x the compute of
                 # 64 for lines of at most ~60 tokens, over a minute of this test's CPU time.
-                "finetune.text.text_length=64"]
+                "finetune.text.text_length=64",
+                # and pretraining packs 512-token blocks (tokens_per_sample): 64 here, for the same reason
+                "data.text_length=64"]
     return [f"experiment={task}_base", *data, *BUDGET, *task_budget(task)]
 
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from d2v.data import transforms
 from d2v.data.augment import ImageAugment
-from d2v.data.loaders import _check_key, _decoder, _maybe_labelled, _SeededShuffle, _shard_error, _worker_index
+from d2v.data.loaders import SeededShuffle, check_key, decode_sample, maybe_labelled, shard_error, worker_index
 from d2v.data.shards import shard_dir, shard_urls
 from d2v.errors import InputError
 from d2v.models.ctc import subset_index
@@ -195,12 +195,12 @@ def train_batches(root: str | Path, inputs: TaskInputs, global_batch: int, n_bat
     per_rank = global_batch // world_size
     collate = functools.partial(_rank_rows, inputs=inputs, split="train", rank=rank, per_rank=per_rank)
     ds = wds.DataPipeline(
-        wds.ResampledShards(urls, seed=seed, worker_seed=_worker_index, deterministic=True),
-        wds.tarfile_to_samples(handler=_shard_error),
-        wds.map(_check_key),
-        wds.select(_maybe_labelled),  # before the shuffle: the text split is mostly unlabelled lines
-        _SeededShuffle(shuffle_buffer, seed),
-        wds.map(_decoder),
+        wds.ResampledShards(urls, seed=seed, worker_seed=worker_index, deterministic=True),
+        wds.tarfile_to_samples(handler=shard_error),
+        wds.map(check_key),
+        wds.select(maybe_labelled),  # before the shuffle: the text split is mostly unlabelled lines
+        SeededShuffle(shuffle_buffer, seed),
+        wds.map(decode_sample),
         wds.batched(global_batch, collation_fn=collate, partial=False),
     )
     loader = wds.WebLoader(ds, batch_size=None, num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
@@ -211,8 +211,8 @@ def _raw_labelled(urls: list[str]) -> Iterator[dict]:
     import webdataset as wds
 
     # No node or worker splitting: every rank walks the same sequence and decodes its own batches.
-    return iter(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=_shard_error),
-                                 wds.map(_check_key), wds.select(_maybe_labelled), wds.map(_decoder)))
+    return iter(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=shard_error),
+                                 wds.map(check_key), wds.select(maybe_labelled), wds.map(decode_sample)))
 
 
 def eval_batches(root: str | Path, inputs: TaskInputs, split: str, batch_size: int, max_n: int = 0,

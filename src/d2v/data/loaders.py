@@ -46,7 +46,7 @@ class Batch:
     padding_mask: torch.Tensor | None = None
 
 
-def _check_key(sample: dict) -> dict:
+def check_key(sample: dict) -> dict:
     key = sample.get("__key__", "")
     if key.startswith("/") or ".." in key.split("/"):
         raise InputError(f"{sample.get('__url__', '?')}: tar member {key!r} escapes the shard")
@@ -139,7 +139,7 @@ _DECODERS: dict[str, Callable[[bytes], Any]] = {
 }
 
 
-def _decoder(sample: dict) -> dict:
+def decode_sample(sample: dict) -> dict:
     out = dict(sample)
     for name, fn in _DECODERS.items():
         if name in out and isinstance(out[name], bytes):
@@ -151,7 +151,7 @@ def _decoder(sample: dict) -> dict:
     return out
 
 
-def _shard_error(exn: Exception) -> bool:
+def shard_error(exn: Exception) -> bool:
     """WebDataset error handler: a d2v error passes through; an unreadable, truncated or non-tar
     shard becomes an ``InputError`` naming the shard (webdataset appends the URL to the args)."""
     args = getattr(exn, "args", ())
@@ -166,13 +166,13 @@ def _shard_error(exn: Exception) -> bool:
     raise InputError(f"{url}: unreadable or truncated shard ({type(exn).__name__}: {msg})") from exn
 
 
-def _worker_index() -> int:
+def worker_index() -> int:
     """The DataLoader worker this runs in (0 in the main process); module level so it pickles."""
     info = torch.utils.data.get_worker_info()
     return info.id if info is not None else 0
 
 
-class _SeededShuffle:
+class SeededShuffle:
     """Sample shuffle buffer whose RNG is seeded by (seed, worker) when iteration starts.
 
     WebDataset's own ``.shuffle(rng=...)`` hands every forked worker a copy of one generator.
@@ -184,7 +184,7 @@ class _SeededShuffle:
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         # webdataset's _shuffle: the buffer grows by two per sample read (up to bufsize) and
         # starts yielding once it holds ``initial`` samples.
-        rng = random.Random(self.seed * 1009 + _worker_index())
+        rng = random.Random(self.seed * 1009 + worker_index())
         initial = min(100, self.bufsize)
         src = iter(src)
         buf: list[dict] = []
@@ -218,11 +218,11 @@ def train_loader(urls: list[str], modality: str, batch_size: int, collate: Calla
     import webdataset as wds
 
     stages: list[Any] = [
-        wds.ResampledShards(urls, seed=seed, worker_seed=_worker_index, deterministic=True),
-        wds.tarfile_to_samples(handler=_shard_error),
-        wds.map(_check_key),
-        _SeededShuffle(shuffle_buffer, seed),
-        wds.map(_decoder),
+        wds.ResampledShards(urls, seed=seed, worker_seed=worker_index, deterministic=True),
+        wds.tarfile_to_samples(handler=shard_error),
+        wds.map(check_key),
+        SeededShuffle(shuffle_buffer, seed),
+        wds.map(decode_sample),
     ]
     if modality == "text":
         stages.append(functools.partial(pack_text_blocks, length=text_length))
@@ -243,18 +243,18 @@ def eval_loader(urls: list[str], batch_size: int, collate: Callable[[list[dict]]
     decoded (the text training split is mostly unlabelled pretraining lines)."""
     import webdataset as wds
 
-    ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node, handler=_shard_error,
+    ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node, handler=shard_error,
                         empty_check=False)
-    ds = ds.map(_check_key)
+    ds = ds.map(check_key)
     if labelled_only:
-        ds = ds.select(_maybe_labelled)
-    ds = ds.map(_decoder).batched(batch_size, collation_fn=collate, partial=True)
+        ds = ds.select(maybe_labelled)
+    ds = ds.map(decode_sample).batched(batch_size, collation_fn=collate, partial=True)
     return wds.WebLoader(ds, batch_size=None, num_workers=num_workers)
 
 
-def _maybe_labelled(sample: dict) -> bool:
+def maybe_labelled(sample: dict) -> bool:
     """False only for a readable negative ``.cls`` (unlabelled); anything unreadable goes on to
-    ``_decoder``, which names the sample in its error."""
+    ``decode_sample``, which names the sample in its error."""
     try:
         return int(sample["cls"]) >= 0
     except (KeyError, ValueError, TypeError):
