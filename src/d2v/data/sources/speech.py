@@ -78,6 +78,7 @@ from d2v.data.manifest import (
     manifest_path,
     quarantine_path,
     raw_dir,
+    read_manifest,
     write_manifest,
     write_quarantine,
 )
@@ -993,8 +994,41 @@ def download_speech(cfg: SpeechDataConfig, root: Path, seed: int, progress: bool
     if cfg.dataset == "espeak_words":
         return _build_espeak_words(cfg, root, seed, progress)
     if cfg.dataset == "librispeech":
-        return _build_librispeech(cfg, root, seed, progress)
-    if cfg.dataset == "audio_folder":
-        return _build_audio_folder(cfg, root, seed, progress)
-    raise ConfigError(f"speech dataset {cfg.dataset!r}: expected espeak_words, librispeech or audio_folder")
+        out = _build_librispeech(cfg, root, seed, progress)
+    elif cfg.dataset == "audio_folder":
+        out = _build_audio_folder(cfg, root, seed, progress)
+    else:
+        raise ConfigError(f"speech dataset {cfg.dataset!r}: expected espeak_words, librispeech or audio_folder")
+    out["ctc_alphabet"] = ctc_alphabet_report(root)
+    if out["ctc_alphabet"]["labels_with_other_characters"]:
+        a = out["ctc_alphabet"]
+        note = (f"{a['labels_with_other_characters']} of {a['labels']} labels hold characters outside the CTC "
+                f"letters (A-Z, apostrophe, space): {a['characters']!r} (e.g. {a['example']}); as transcripts "
+                "(finetune.speech.head=ctc) those characters are not learned or scored")
+        out["notes"] = [*out.get("notes", []), note]
+        print(f"download speech: warning: {note}", file=sys.stderr)
+    return out
+
+
+def ctc_alphabet_report(root: Path, examples: int = 1) -> dict:
+    """Counts of the manifests' labels with characters the letter CTC vocabulary lacks (upper-cased;
+    white space separates words): a transcript such as "Hello, 42!" would be learned as "HELLO"."""
+    from d2v.models.ctc import LETTERS
+
+    known = set(LETTERS[2:])  # the apostrophe and A-Z (blank and "|" are not characters of a text)
+    n, bad, chars, example = 0, 0, set(), ""
+    for split in SPLITS:
+        p = manifest_path(root, MODALITY, split)
+        if not p.is_file():
+            continue
+        for key, label in read_manifest(p)[["key", "label"]].itertuples(index=False):
+            if not label:
+                continue
+            n += 1
+            other = {c for c in str(label).upper() if c not in known and not c.isspace()}
+            if other:
+                bad, chars = bad + 1, chars | other
+                example = example or f"{key}: {label!r}"
+    return {"labels": n, "labels_with_other_characters": bad, "characters": "".join(sorted(chars)),
+            "example": example}
 
