@@ -115,15 +115,33 @@ def test_photo_datasets_are_normalised_with_imagenet_statistics_everywhere(image
     sample = [{"__key__": "a", "cls": 0, "png": (image_root / "raw/image/files/img-train-0.png").read_bytes()}]
     x = transforms.decode_image(sample[0]["png"])
     assert torch.equal(fm.collate(sample).source[0], (x - 0.2860) / 0.3530)
-    assert torch.allclose(ph.collate(sample).source[0], (x - mean.mean()) / std.mean())
+    viewed = transforms.resize_center_crop(transforms.decode_image_uint8(sample[0]["png"]), 28, 0.875).float() / 255
+    assert torch.allclose(ph.collate(sample).source[0], (viewed - mean.mean()) / std.mean())
     photo_ft = replace(photo, finetune=replace(photo.finetune, image=replace(photo.finetune.image, random_erasing=0.0,
                                                                             random_resized_crop=0.5)))
     aug = task_inputs(photo_ft, "image", train=True).augment
     assert aug is not None and (aug.mean, aug.std) == transforms.image_stats("image_folder")
-    # the pretraining checkpoint records its dataset's normalisation for d2v encode
+    # photos are evaluated as MAE does: the shorter side to size / 0.875 (bicubic), the centre crop,
+    # never squashed; checked against PIL's Resize + CenterCrop, computed independently here
+    import io
+
+    rng = np.random.default_rng(1)
+    small = rng.integers(0, 256, (6, 9, 3), dtype=np.uint8)
+    wide = Image.fromarray(small).resize((90, 60), Image.BICUBIC)  # 3:2, smooth
+    buf = io.BytesIO()
+    wide.save(buf, format="PNG")
+    got = ph.collate([{"__key__": "w", "cls": 0, "png": buf.getvalue()}]).source[0]
+    ref = wide.resize((48, 32), Image.BICUBIC)  # shorter side 60 -> int(28 / 0.875) = 32
+    ref = np.asarray(ref.crop((10, 2, 38, 30)), dtype=np.float32) / 255  # centre 28 x 28
+    ref = (torch.from_numpy(ref).permute(2, 0, 1).mean(0, keepdim=True) - mean.mean()) / std.mean()
+    assert got.shape == (1, 28, 28) and (got - ref).abs().mean() < 0.02 and (got - ref).abs().max() < 0.15
+    squashed = transforms.image_tensor(transforms.decode_image(buf.getvalue()), 28, 1, *transforms.image_stats("x"))
+    assert (squashed - ref).abs().mean() > 5 * (got - ref).abs().mean()  # the old view would fail the check
+    # the pretraining checkpoint records its dataset's normalisation and view for d2v encode
     ck = save_pretrained(photo, tmp_path / "pre" / "checkpoint.pt")
     _, info = load_model_dir(ck)
     assert info["extra"]["preprocess"]["image"]["mean"] == list(transforms.IMAGENET_MEAN)
+    assert (info["extra"]["preprocess"]["image"]["resize"], info["extra"]["preprocess"]["image"]["crop"]) == (32, "center")
     _, info = load_model_dir(save_pretrained(cfg, tmp_path / "pre2" / "checkpoint.pt"))
     assert info["extra"]["preprocess"]["image"]["mean"] == [transforms.IMAGE_MEAN]
 

@@ -94,6 +94,7 @@ class TaskInputs:
     augment: ImageAugment | None = None  # image training: the fine-tuning recipe's augmentation
     image_mean: tuple[float, ...] = (transforms.IMAGE_MEAN,)  # image: transforms.image_stats(data.image.dataset)
     image_std: tuple[float, ...] = (transforms.IMAGE_STD,)
+    image_crop: float = 1.0  # image without augmentation: transforms.image_eval_crop(data.image.dataset)
 
     @property
     def max_samples(self) -> int:
@@ -108,7 +109,10 @@ class TaskInputs:
                           for s, k in zip(samples, keys)]
                 src, soft = self.augment(images, labels, keys)
                 return LabelledSplit("image", split, src, labels, keys, soft_label=soft)
-            images = [transforms.decode_image(transforms.image_bytes(s), f"sample {k}") for s, k in zip(samples, keys)]
+            images = [transforms.decode_image_uint8(transforms.image_bytes(s), f"sample {k}") for s, k in zip(samples, keys)]
+            if self.image_crop < 1.0:
+                images = [transforms.resize_center_crop(x, self.image_size, self.image_crop) for x in images]
+            images = [x.float().div_(255) for x in images]
             src = torch.stack([transforms.image_tensor(x, self.image_size, self.in_chans, self.image_mean, self.image_std)
                                for x in images])
             return LabelledSplit("image", split, src, labels, keys)
@@ -165,7 +169,7 @@ def task_inputs(cfg: Any, task: str, pad_to_longest: bool = False, train: bool =
                                tc.rand_augment_magnitude, tc.random_erasing, tc.mixup, tc.cutmix,
                                len(label_names(cfg.data.root, "image")), cfg.seed, mean, std)
         return TaskInputs("image", image_size=m.image.input_size, in_chans=m.image.in_chans, augment=aug,
-                          image_mean=mean, image_std=std)
+                          image_mean=mean, image_std=std, image_crop=transforms.image_eval_crop(cfg.data.image.dataset))
     if task == "speech":
         return TaskInputs("speech", sample_rate=m.speech.sample_rate, audio_seconds=tc.audio_seconds,
                           pad_to_longest=pad_to_longest)

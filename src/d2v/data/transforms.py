@@ -32,6 +32,24 @@ IMAGE_MEAN, IMAGE_STD = 0.2860, 0.3530  # Fashion-MNIST training pixels
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # RGB (MAE, fairseq MaeImageDataset)
 
 
+def image_eval_crop(dataset: str) -> float:
+    """The evaluation view of ``data.image.dataset``: 1.0 = the whole image resized to the model's
+    size (Fashion-MNIST, already square); 0.875 = MAE's and timm's view of photos (the shorter side
+    resized to size / 0.875, e.g. 256, then the centre size x size crop: no squashed aspect ratio)."""
+    return 1.0 if dataset == "fashion_mnist" else 0.875
+
+
+def resize_center_crop(x: torch.Tensor, size: int, crop: float) -> torch.Tensor:
+    """``(C, H, W)`` -> ``(C, size, size)``: the shorter side resized to ``int(size / crop)``
+    (bicubic, antialiased, as PIL's), then the centre crop (MAE ``main_finetune.build_transform``
+    for eval: ``Resize(int(224 / 0.875), BICUBIC)`` + ``CenterCrop(224)``)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    x = TF.resize(x, int(size / crop), interpolation=InterpolationMode.BICUBIC, antialias=True)
+    return TF.center_crop(x, [size, size])
+
+
 def image_stats(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``(mean, std)`` per channel for ``data.image.dataset``: Fashion-MNIST's own grey statistics for
     ``fashion_mnist``; ImageNet's for photo folders (``imagenet_folder``, ``image_folder``), as MAE's

@@ -54,13 +54,15 @@ def checkpoint_state(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Co
 
 def input_preprocess(cfg: Config) -> dict:
     """How the checkpoint's inputs were prepared, for ``d2v encode`` (the model folder's
-    ``extra.preprocess``): the image normalisation of ``data.image.dataset``."""
-    from d2v.data.transforms import image_stats
+    ``extra.preprocess``): the image normalisation and evaluation view of ``data.image.dataset``."""
+    from d2v.data.transforms import image_eval_crop, image_stats
 
     if cfg.model.image is None:
         return {}
     mean, std = image_stats(cfg.data.image.dataset)
-    return {"image": {"mean": list(mean), "std": list(std), "resize": None}}
+    crop = image_eval_crop(cfg.data.image.dataset)
+    view = {"resize": int(cfg.model.image.input_size / crop), "crop": "center"} if crop < 1 else {"resize": None}
+    return {"image": {"mean": list(mean), "std": list(std), **view}}
 
 
 def config_diff(saved: Any, current: Any, prefix: str) -> list[str]:
