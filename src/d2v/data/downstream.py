@@ -16,7 +16,8 @@ Three readers over the WebDataset shards that ``d2v shard`` writes (unlabelled s
 
 Decoding and normalisation are :mod:`d2v.data.transforms`, as in pretraining and ``d2v encode``:
 
-* image: JPEG/PNG -> [0, 1] -> resized to the model's input size -> normalised as in pretraining;
+* image: JPEG/PNG -> [0, 1] -> the model's input size (photos: the shorter side to size / 0.875,
+  the centre crop, as MAE evaluates; Fashion-MNIST: resized whole) -> normalised as in pretraining;
 * speech: FLAC -> per-utterance standardised waveform; clips longer than ``audio_seconds`` are
   centre-cropped (counted: CTC refuses them); zero-padded to ``audio_seconds`` (training: a fixed
   shape) or to the batch's longest clip (evaluation, as fairseq's collater); ``lengths`` keep
@@ -104,12 +105,10 @@ class TaskInputs:
         keys = [s["__key__"] for s in samples]
         labels = torch.tensor([int(s["cls"]) for s in samples], dtype=torch.long)
         if self.modality == "image":
+            images = [transforms.decode_image_uint8(transforms.image_bytes(s), f"sample {k}") for s, k in zip(samples, keys)]
             if self.augment is not None:  # augments uint8, as timm's recipe does
-                images = [transforms.decode_image_uint8(transforms.image_bytes(s), f"sample {k}")
-                          for s, k in zip(samples, keys)]
                 src, soft = self.augment(images, labels, keys)
                 return LabelledSplit("image", split, src, labels, keys, soft_label=soft)
-            images = [transforms.decode_image_uint8(transforms.image_bytes(s), f"sample {k}") for s, k in zip(samples, keys)]
             if self.image_crop < 1.0:
                 images = [transforms.resize_center_crop(x, self.image_size, self.image_crop) for x in images]
             images = [x.float().div_(255) for x in images]
