@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -246,3 +247,65 @@ def test_time_to_accuracy_benchmark_writes_json_and_plot(tmp_path):
     assert batch == {"data2vec2": 2, "mae": 256, "data2vec1": 2}  # MAE's own recipe, not data2vec's
     assert rep["headline_vs_mae"]["text"] and png.stat().st_size > 1000
     assert "headline" in r.stdout
+
+
+def _vs_mae_shards(tmp_path):
+    from test_shards import make_image_data
+
+    from d2v.data.shards import write_shards
+
+    root = tmp_path / "data"
+    make_image_data(root)
+    write_shards("image", root, seed=0, maxcount=3, min_shards=2, progress=False)
+    return root
+
+
+def test_vs_mae_benchmark_runs_d2v_on_its_time_grid(tmp_path):
+    """The data2vec 2.0 side of benchmarks/vs_mae.py (the MAE side needs a facebookresearch/mae
+    checkout: the next test); the D=128 encoder, probed on the test split every 0.3 s."""
+    out = tmp_path / "vs.json"
+    _run([str(PROJECT_ROOT / "benchmarks/vs_mae.py"), "--only", "d2v", "--root", str(_vs_mae_shards(tmp_path)),
+          "--budget", "1", "--probe-minutes", "0.005", "--probe-train", "10", "--threads", "1",
+          "--d2v", "train.batch_size=2", "--out", str(out)])
+    rep = json.loads(out.read_text())
+    (run,) = rep["runs"]
+    assert run["objective"].startswith("data2vec2") and run["overrides"] == ["train.batch_size=2"]
+    secs = [q["train_s"] for q in run["points"]]
+    assert secs[0] == 0 and secs == sorted(secs) and len(secs) >= 3 and secs[-1] >= 1.0
+    assert all(s >= k * 0.3 - 1e-3 for k, s in enumerate(secs[:-1]))
+    assert rep["summary"] == {"per_seed": []}  # no MAE run, no ratio
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_vs_mae_summary_ratio_is_the_mae_budget_over_the_time_d2v_needs():
+    sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
+    from vs_mae import summarise
+
+    def run(obj, seed, pts, secs=720.0):
+        return {"objective": obj, "seed": seed, "train_seconds": secs, "final_acc": pts[-1][1],
+                "points": [{"train_s": s, "probe_acc": a} for s, a in pts]}
+
+    runs = [run("mae (facebookresearch/mae)", 1, [(0, 0.7), (720, 0.85)]),
+            run("data2vec2 (d2v pretrain)", 1, [(0, 0.7), (90, 0.84), (180, 0.851), (720, 0.86)]),
+            run("mae (facebookresearch/mae)", 2, [(0, 0.7), (720, 0.86)]),
+            run("data2vec2 (d2v pretrain)", 2, [(0, 0.7), (720, 0.855)])]
+    s = summarise(runs, 720.0)
+    assert [r["ratio"] for r in s["per_seed"]] == [4.0, None]  # seed 2 never reaches MAE's 0.86
+    assert s["median_ratio"] == 2.0 and s["ratio_range"] == [0.0, 4.0] and s["median_mae_final_acc"] == 0.855
+
+
+def test_vs_mae_runs_the_real_mae_code_when_a_checkout_is_given(tmp_path):
+    """Runs only with MAE_REPO=<a facebookresearch/mae checkout> and timm installed (never in CI: no network)."""
+    repo = os.environ.get("MAE_REPO")
+    if not repo:
+        pytest.skip("set MAE_REPO to a facebookresearch/mae checkout to run the real MAE code")
+    pytest.importorskip("timm")
+    out = tmp_path / "vs.json"
+    _run([str(PROJECT_ROOT / "benchmarks/vs_mae.py"), "--mae-repo", repo, "--root", str(_vs_mae_shards(tmp_path)),
+          "--budget", "1", "--probe-minutes", "0.01", "--probe-train", "10", "--threads", "1",
+          "--d2v", "train.batch_size=2", "--out", str(out)])
+    rep = json.loads(out.read_text())
+    assert [r["objective"].split()[0] for r in rep["runs"]] == ["mae", "data2vec2"]
+    assert rep["runs"][0]["batch"] == 256 and rep["runs"][0]["steps"] >= 1
+    (row,) = rep["summary"]["per_seed"]
+    assert 0 <= row["mae_final_acc"] <= 1

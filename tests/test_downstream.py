@@ -222,6 +222,26 @@ def test_linear_probe_separates_separable_features():
     assert linear_probe(noise[:150], y[:150], noise[150:], y[150:]) < 0.8
 
 
+@pytest.mark.parametrize("classes", [3, 10])
+def test_linear_probe_matches_scikit_learn(classes):
+    """The torch L-BFGS regression reaches scikit-learn's optimum: the same test predictions on
+    overlapping classes with a constant and a badly scaled column (an independent implementation)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(classes)
+    y = rng.integers(0, classes, 900) * 7  # labels need not be 0..K-1
+    x = rng.standard_normal((900, 12)) + 0.6 * rng.standard_normal((classes * 7 + 1, 12))[y]
+    x[:, 3] = 5.0  # constant: left unscaled, as StandardScaler does
+    x[:, 4] *= 1e3
+    ref = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=5000, tol=1e-10))
+    ref.fit(x[:600], y[:600])
+    want = float((ref.predict(x[600:]) == y[600:]).mean())
+    assert 1 / classes + 0.1 < want < 0.98  # the problem is neither trivial nor hopeless
+    assert abs(linear_probe(x[:600], y[:600], x[600:], y[600:], c=0.5) - want) <= 1 / 300
+
+
 def test_finetune_evaluate_round_trip(image_root, tmp_path):
     cfg = make_cfg(image_root, tmp_path, init="")
     cfg.finetune.init = str(save_pretrained(cfg, tmp_path / "pretrain" / "checkpoint.pt"))

@@ -52,6 +52,9 @@ def test_a_baseline_run_resumes_exactly(tmp_path):
     (["train.objective=bert", "train.modalities=[image]"], r"bert is a text-only objective"),
     (["train.objective=simclr"], r"unknown objective 'simclr'"),
     (["train.probe_every=10"], r"online probe reads the labelled shards: it needs data.source=shards"),
+    (["train.probe_every_minutes=1"], r"online probe reads the labelled shards: it needs data.source=shards"),
+    (["train.probe_split=train"], r"train.probe_split.*val or test"),
+    (["train.probe_train=5"], r"at least 10 samples each \(0: the whole split\)"),
 ])
 def test_an_objective_or_probe_that_does_not_fit_is_a_clear_error(tmp_path, over, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -104,6 +107,26 @@ def test_online_probe_logs_curves_without_changing_training(tmp_path, shard_root
     assert secs[0] < secs[1] < secs[2] <= probed.train_seconds + 5e-4 + 1e-9
 
 
+def test_probe_every_minutes_probes_on_a_time_grid_and_can_score_the_test_split(tmp_path, shard_root):  # noqa: F811
+    from d2v.train.probe import OnlineProbe
+
+    gap = 0.01 * 60
+    cfg = tiny_shards(tmp_path, shard_root, "train.modalities=[image]", "train.max_steps=100000",
+                      "train.max_minutes=0.04", "train.probe_every_minutes=0.01", "train.probe_split=test",
+                      "train.probe_train=12", "train.probe_val=10", "train.batch_size=4")
+    assert cfg.train.probe_every == 0  # time-based probes alone turn the probe on
+    assert OnlineProbe(cfg, torch.device("cpu")).splits["image"][1].split == "test"
+    res = pretrain(cfg, progress=False)
+    secs = [p["train_seconds"] for p in res.probes]
+    steps = [p["step"] for p in res.probes]
+    assert steps[0] == 0 and steps[-1] == res.steps and steps == sorted(set(steps))
+    assert len(secs) >= 4  # 0, about every 0.6 s of a 2.4 s budget, and the end
+    # the k-th probe comes once k gaps of training seconds have passed, never before
+    assert all(s >= k * gap - 1e-3 for k, s in enumerate(secs[:-1]))
+    # and never two in one gap: each probe's multiple of the gap is past the previous one's
+    assert all(int(b / gap + 1e-6) > int(a / gap + 1e-6) for a, b in zip(secs[:-2], secs[1:-1]))
+
+
 def test_the_probe_keeps_the_frozen_speech_cnn_output_only_while_its_weights_stay(tmp_path, shard_root):  # noqa: F811
     from d2v.data.downstream import load_task_data
     from d2v.models import Data2Vec2
@@ -147,6 +170,7 @@ def test_the_new_train_keys_are_in_params_yaml_so_dvc_overrides_need_no_plus():
     from d2v.config import PROJECT_ROOT
 
     train = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())["train"]
-    assert {"objective", "keep_every", "max_minutes", "probe_every", "probe_train", "probe_val"} <= set(train)
+    assert {"objective", "keep_every", "max_minutes", "probe_every", "probe_train", "probe_val", "probe_every_minutes",
+            "probe_split"} <= set(train)
     cfg = load_config(["train.objective=mae", "train.modalities=[image]"], config_name="pipeline")
     assert cfg.validate().train.objective == "mae"

@@ -62,10 +62,16 @@ class TrainConfig:
     max_minutes: float = 0.0
     # online evaluation: every N steps (and at the end), a linear probe of frozen mean-pooled features
     # per trained modality with labels, fit on probe_train labelled training samples and scored on
-    # probe_val validation samples (shards only); 0: off
+    # probe_val samples of probe_split (shards only; 0 samples: the whole split); 0: off
     probe_every: int = 0
     probe_train: int = 1000
     probe_val: int = 500
+    # also probe each time this many more training minutes have passed (0: off): a time-to-accuracy
+    # curve on a fixed time grid, whatever the step rate (benchmarks/vs_mae.py)
+    probe_every_minutes: float = 0.0
+    # the split the probe is scored on: val, or test for a benchmark's final figures only (never
+    # choose settings on it)
+    probe_split: str = "val"
 
     def validate(self) -> TrainConfig:
         _need(len(self.modalities) > 0, "train.modalities", "list at least one modality")
@@ -92,8 +98,11 @@ class TrainConfig:
         _need(self.keep_every >= 0, "train.keep_every", f"must be >= 0 (0: keep only checkpoint.pt), got {self.keep_every}")
         _need(self.max_minutes >= 0, "train.max_minutes", f"must be >= 0 (0: no time budget), got {self.max_minutes}")
         _need(self.probe_every >= 0, "train.probe_every", f"must be >= 0 (0: no online probe), got {self.probe_every}")
-        _need(self.probe_train >= 10 and self.probe_val >= 10, "train.probe_train/probe_val",
-              f"need at least 10 samples each, got {self.probe_train} / {self.probe_val}")
+        _need(all(n == 0 or n >= 10 for n in (self.probe_train, self.probe_val)), "train.probe_train/probe_val",
+              f"need at least 10 samples each (0: the whole split), got {self.probe_train} / {self.probe_val}")
+        _need(self.probe_every_minutes >= 0, "train.probe_every_minutes",
+              f"must be >= 0 (0: step-based probes only), got {self.probe_every_minutes}")
+        _need(self.probe_split in ("val", "test"), "train.probe_split", f"val or test, got {self.probe_split!r}")
         _need(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), "train.device",
               f"auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         return self
@@ -386,7 +395,8 @@ class Config:
         _need(only is None or self.train.modalities == [only], "train.objective",
               f"{self.train.objective} is a {only}-only objective; train.modalities must be [{only}], "
               f"got {self.train.modalities}")
-        _need(not (self.train.probe_every and self.data.source != "shards"), "train.probe_every",
+        _need(not ((self.train.probe_every or self.train.probe_every_minutes) and self.data.source != "shards"),
+              "train.probe_every",
               "the online probe reads the labelled shards: it needs data.source=shards (the pipeline's data)")
         self.data.validate()
         self.finetune.validate()

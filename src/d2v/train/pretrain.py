@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -189,7 +190,8 @@ def _pretrain(cfg: Config, info: DistInfo, resume, progress: bool, metrics_path,
     compile_model(model, t.compile)  # before DDP wraps it; eager, with one warning, if compiling fails
     net = distributed.wrap_ddp(model, info)
     data = PretrainData(cfg, info.rank, info.world_size)
-    probe = OnlineProbe(cfg, device) if t.probe_every and info.is_main else None
+    probing = bool(t.probe_every or t.probe_every_minutes)
+    probe = OnlineProbe(cfg, device) if probing and info.is_main else None
     budget_s = t.max_minutes * 60.0
     trained_s = float(state.get("train_seconds", 0.0)) if state is not None else 0.0  # before this process
 
@@ -241,6 +243,9 @@ def _pretrain(cfg: Config, info: DistInfo, resume, progress: bool, metrics_path,
     model.train()
     if probe is not None and start == 0:
         run_probe(0)
+    # train.probe_every_minutes: the next probe at the next multiple of the gap in training seconds
+    probe_gap_s = t.probe_every_minutes * 60.0
+    next_probe_s = (math.floor(trained_s / probe_gap_s) + 1) * probe_gap_s if probe_gap_s else 0.0
     bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, disable=not progress,
                desc="pretrain", unit="step", dynamic_ncols=True)
     try:
@@ -277,8 +282,10 @@ def _pretrain(cfg: Config, info: DistInfo, resume, progress: bool, metrics_path,
             if info.is_main:
                 sps = n_samples / max(1e-9, clock())
                 _log_step(t, tracker, bar, progress, row, s, sps, sps * copies)
-            if probe is not None and (done % t.probe_every == 0 or last):
+            if probe is not None and (last or (t.probe_every and done % t.probe_every == 0)
+                                      or (probe_gap_s and trained_s + clock() >= next_probe_s)):
                 run_probe(done)
+                next_probe_s = (math.floor((trained_s + clock()) / probe_gap_s) + 1) * probe_gap_s if probe_gap_s else 0.0
                 bar.unpause()  # the bar's rate and ETA leave the probe's seconds out, as train_seconds does
             if t.ckpt_every and done % t.ckpt_every == 0 and not last:
                 save(done)

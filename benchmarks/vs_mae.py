@@ -1,0 +1,312 @@
+"""data2vec 2.0 (``d2v pretrain``) against the real facebookresearch/mae code: time to accuracy on Fashion-MNIST.
+
+Issue 16 item 4. Both pretrain the same encoder size (ViT D=128, 4 blocks, 4 heads, patch 4 on
+28x28) for ``--budget`` training seconds on the 55,000 training images of the pipeline's shards,
+one after the other in one process, and both are scored by the same probe on a fixed time grid
+(every ``--probe-minutes`` of training, probe time excluded): :func:`d2v.train.probe.linear_probe`,
+a standardised logistic regression on mean-pooled last-block features, fit on the first
+``--probe-train`` training images (10,000; 0: all 55,000, about 90 s of feature extraction per
+probe on 2 CPU threads) and scored on the 10,000 test images (``--probe-split val`` to choose
+settings on the validation split instead).
+
+* **MAE**: ``models_mae.MaskedAutoencoderViT`` and ``util.lr_sched.adjust_learning_rate`` imported
+  from a checkout of https://github.com/facebookresearch/mae (``--mae-repo``; it needs ``timm``:
+  ``pip install --no-deps -r benchmarks/requirements-mae.txt``), with its own recipe
+  (``main_pretrain.py`` / ``engine_pretrain.py``): batch 256, lr 1e-3 (blr 1e-3 x 256/256), AdamW
+  betas (0.9, 0.95), weight decay 0.05 without norms and biases (timm's param groups), mask 0.75,
+  ``--norm_pix_loss``, 10% warm-up (40 of 400 epochs) then a half cosine, spread over the budget,
+  RandomResizedCrop(scale 0.2-1, bicubic) + horizontal flip. The grey image is repeated to 3
+  channels (MAE's patchify assumes RGB, as an ImageFolder would load it). Two compatibility shims,
+  nothing else: timm >= 0.6's ``Block`` has no ``qk_scale`` argument (always None in MAE), and
+  numpy >= 1.24 has no ``np.float`` (used by ``util/pos_embed.py``). Features: the encoder's output
+  (``forward_encoder`` with mask ratio 0, after its final norm) without the cls token, mean-pooled.
+* **data2vec 2.0**: one ``d2v pretrain`` run, image only, ``model.embed_dim=128`` and the defaults
+  a user gets otherwise (``experiment=tiny``); ``train.max_minutes`` spreads its schedule over the
+  budget; ``train.probe_every_minutes`` + ``train.probe_split=test`` give the same probe grid.
+
+Headline: MAE's accuracy at the end of its budget, and the training seconds data2vec 2.0 needs to
+first reach it (``first_time_reaching``): the ratio MAE budget / that time. Medians over ``--seeds``.
+
+    python benchmarks/vs_mae.py --mae-repo ~/src/mae --budget 720 --probe-minutes 1.5 --seeds 1 2 3 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_time import cpu_name  # noqa: E402
+from time_to_accuracy import IMAGE_ONLY, SCHEDULE_STEPS, first_time_reaching  # noqa: E402
+
+from d2v.config import load_config  # noqa: E402
+from d2v.data.downstream import load_task_data  # noqa: E402
+from d2v.train.pretrain import pretrain  # noqa: E402
+from d2v.train.probe import linear_probe  # noqa: E402
+
+ENCODER = ["model.embed_dim=128", "model.depth=4", "model.num_heads=4"]
+MAE_RECIPE = {"batch": 256, "lr": 1e-3, "min_lr": 0.0, "weight_decay": 0.05, "mask_ratio": 0.75,
+              "epochs": 400, "warmup_epochs": 40, "norm_pix_loss": True}
+
+
+def import_mae(repo: Path):
+    """``models_mae`` and ``util.lr_sched`` from a facebookresearch/mae checkout, with the two shims."""
+    if not (repo / "models_mae.py").is_file():
+        raise SystemExit(f"--mae-repo {repo}: no models_mae.py there (a checkout of facebookresearch/mae)")
+    try:
+        import timm.models.vision_transformer as vit
+    except ImportError:
+        raise SystemExit("the MAE code needs timm: pip install --no-deps -r benchmarks/requirements-mae.txt") from None
+    if "qk_scale" not in vit.Block.__init__.__code__.co_varnames:
+        class Block(vit.Block):  # MAE passes qk_scale=None (timm 0.3.2); later timm dropped the argument
+            def __init__(self, *args, qk_scale=None, **kwargs):
+                super().__init__(*args, **kwargs)
+        vit.Block = Block
+    if not hasattr(np, "float"):
+        np.float = float  # util/pos_embed.py: np.arange(..., dtype=np.float), removed in numpy 1.24
+    sys.path.insert(0, str(repo))
+    return importlib.import_module("models_mae"), importlib.import_module("util.lr_sched")
+
+
+class Prober:
+    """The probe both methods get: fixed train/test sets in memory, ``linear_probe`` on pooled features."""
+
+    def __init__(self, cfg, probe_train: int, split: str = "test", probe_eval: int = 0):
+        self.train = load_task_data(cfg, "image", "train", probe_train)
+        self.test = load_task_data(cfg, "image", split, probe_eval)
+        self.seconds = 0.0
+
+    @torch.no_grad()
+    def __call__(self, features) -> float:
+        t0 = time.perf_counter()
+        x = [torch.cat([features(s.source[i : i + 1024]) for i in range(0, len(s), 1024)]).double().numpy()
+             for s in (self.train, self.test)]
+        acc = linear_probe(x[0], self.train.label.numpy(), x[1], self.test.label.numpy())
+        self.seconds += time.perf_counter() - t0
+        return acc
+
+
+def raw_pixel_probe(prober: Prober) -> float:
+    """The reference line: the same probe on the normalised pixels themselves."""
+    return prober(lambda x: x.flatten(1))
+
+
+def run_mae(mae, lr_sched, prober: Prober, images: torch.Tensor, ns, seed: int) -> dict:
+    """MAE's pretraining loop (engine_pretrain.train_one_epoch, fp32 on CPU) for ``ns.budget`` training seconds."""
+    from timm.optim import param_groups_weight_decay
+    from torchvision.transforms import v2
+
+    r = MAE_RECIPE
+    torch.manual_seed(seed)
+    model = mae.MaskedAutoencoderViT(img_size=28, patch_size=4, in_chans=3, embed_dim=128, depth=4, num_heads=4,
+                                     decoder_embed_dim=ns.mae_decoder_dim, decoder_depth=ns.mae_decoder_depth,
+                                     decoder_num_heads=4, mlp_ratio=4,
+                                     norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6),
+                                     norm_pix_loss=r["norm_pix_loss"])
+    opt = torch.optim.AdamW(param_groups_weight_decay(model, r["weight_decay"]), lr=r["lr"], betas=(0.9, 0.95))
+    args = SimpleNamespace(lr=r["lr"], min_lr=r["min_lr"], epochs=r["epochs"], warmup_epochs=r["warmup_epochs"])
+    augment = v2.Compose([v2.RandomResizedCrop(28, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
+                                               antialias=True), v2.RandomHorizontalFlip()])
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        model.eval()
+        latent, _, _ = model.forward_encoder(x.expand(-1, 3, -1, -1), 0.0)
+        model.train()
+        return latent[:, 1:].mean(1)
+
+    points, steps, trained = [], 0, 0.0
+    gap = ns.probe_minutes * 60
+    points.append({"train_s": 0.0, "step": 0, "probe_acc": prober(features)})
+    next_probe = gap
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(images), generator=gen)
+    pos = 0
+    model.train()
+    while trained < ns.budget:
+        t0 = time.perf_counter()
+        if pos + r["batch"] > len(order):  # a new epoch, drop_last as MAE's loader
+            order, pos = torch.randperm(len(images), generator=gen), 0
+        idx = order[pos : pos + r["batch"]]
+        pos += r["batch"]
+        batch = (torch.stack([augment(images[i]) for i in idx]) if ns.mae_augment else images[idx]).expand(-1, 3, -1, -1)
+        # engine_pretrain: the schedule per iteration, by (fractional) epoch; here by the fraction of the budget
+        lr_sched.adjust_learning_rate(opt, trained / ns.budget * r["epochs"], args)
+        loss, _, _ = model(batch, mask_ratio=r["mask_ratio"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        steps += 1
+        trained += time.perf_counter() - t0
+        if trained >= next_probe or trained >= ns.budget:
+            points.append({"train_s": round(trained, 1), "step": steps, "probe_acc": prober(features),
+                           "loss": loss.item()})
+            next_probe = (int(trained / gap) + 1) * gap
+    return {"objective": "mae (facebookresearch/mae)", "seed": seed, "augment": ns.mae_augment, "steps": steps, "batch": r["batch"],
+            "images_per_s": steps * r["batch"] / trained, "train_seconds": trained, "points": points,
+            "final_acc": points[-1]["probe_acc"]}
+
+
+def run_d2v(ns, seed: int, out_dir: Path) -> dict:
+    cfg = load_config(["experiment=tiny", *IMAGE_ONLY, *ENCODER, *ns.d2v, f"seed={seed}", "data.source=shards",
+                       f"data.root={ns.root}", f"train.max_minutes={ns.budget / 60}",
+                       f"train.max_steps={SCHEDULE_STEPS}", f"train.warmup_steps={int(0.05 * SCHEDULE_STEPS)}",
+                       "train.ckpt_every=0", "train.probe_every=0", f"train.probe_every_minutes={ns.probe_minutes}",
+                       f"train.probe_train={ns.probe_train}", f"train.probe_val={ns.probe_eval}",
+                       f"train.probe_split={ns.probe_split}",
+                       "train.track=false", f"train.threads={ns.threads}", f"train.out_dir={out_dir}"])
+    res = pretrain(cfg, progress=False)
+    points = [{"train_s": p["train_seconds"], "step": p["step"], "probe_acc": p["accuracy"]} for p in res.probes]
+    return {"objective": "data2vec2 (d2v pretrain)", "seed": seed, "steps": res.steps, "batch": cfg.train.batch_size,
+            "masks_per_sample": cfg.model.clone_batch, "images_per_s": res.samples_per_s,
+            "train_seconds": res.train_seconds, "points": points, "final_acc": points[-1]["probe_acc"],
+            "overrides": ns.d2v}
+
+
+def summarise(runs: list[dict], budget: float) -> dict:
+    """Per seed: MAE's final accuracy, data2vec 2.0's first time reaching it, the ratio; then medians."""
+    by_seed: dict[int, dict] = {}
+    for r in runs:
+        by_seed.setdefault(r["seed"], {})["mae" if r["objective"].startswith("mae") else "d2v"] = r
+    rows = []
+    for seed, pair in sorted(by_seed.items()):
+        if len(pair) < 2:
+            continue
+        target = pair["mae"]["final_acc"]
+        t = first_time_reaching(pair["d2v"]["points"], target)
+        rows.append({"seed": seed, "mae_final_acc": target, "d2v_final_acc": pair["d2v"]["final_acc"],
+                     "d2v_time_to_mae_final_s": t, "ratio": pair["mae"]["train_seconds"] / t if t else None})
+    out: dict = {"per_seed": rows}
+    if rows:
+        ratios = [r["ratio"] or 0.0 for r in rows]  # never reached counts as 0 (below 1x)
+        out |= {"median_mae_final_acc": statistics.median(r["mae_final_acc"] for r in rows),
+                "median_d2v_final_acc": statistics.median(r["d2v_final_acc"] for r in rows),
+                "median_ratio": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)],
+                "goal": 8.0, "budget_s": budget}
+    return out
+
+
+def plot(runs: list[dict], summary: dict, path: Path, raw: float | None = None) -> None:
+    """Probe accuracy against training minutes, one line per run, MAE's final accuracies dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colours = {"mae": "tab:orange", "data2vec2": "tab:blue"}
+    seen = set()
+    for r in runs:
+        kind = r["objective"].split()[0]
+        ax.plot([q["train_s"] / 60 for q in r["points"]], [q["probe_acc"] for q in r["points"]], marker="o", ms=3,
+                color=colours.get(kind, "grey"), alpha=0.8, label=None if kind in seen else r["objective"])
+        seen.add(kind)
+    for row in summary.get("per_seed", []):
+        ax.axhline(row["mae_final_acc"], color=colours["mae"], ls="--", lw=0.8, alpha=0.6)
+    if raw is not None:
+        ax.axhline(raw, color="black", ls=":", lw=1, label=f"raw pixels ({raw:.3f})")
+    ax.set_xlabel("pretraining minutes (probe time excluded)")
+    ax.set_ylabel("linear probe accuracy (frozen, mean-pooled)")
+    head = f", median {summary['median_ratio']:.1f}x (goal 8x)" if summary.get("median_ratio") is not None else ""
+    ax.set_title(f"Fashion-MNIST, ViT D=128: data2vec 2.0 vs facebookresearch/mae{head}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mae-repo", type=Path, help="a checkout of facebookresearch/mae (needed unless --only d2v)")
+    p.add_argument("--root", default="data", help="data root holding the pipeline's shards/image")
+    p.add_argument("--budget", type=float, default=720.0, help="training seconds per run (issue 16: 12 minutes)")
+    p.add_argument("--probe-minutes", type=float, default=1.5, help="training minutes between probes")
+    p.add_argument("--probe-train", type=int, default=10000, help="training images the probe is fit on (0: all 55,000)")
+    p.add_argument("--probe-split", choices=("test", "val"), default="test",
+                   help="the split the probe scores (val: for choosing settings)")
+    p.add_argument("--probe-eval", type=int, default=0, help="images of --probe-split scored (0: all)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1])
+    p.add_argument("--only", choices=("mae", "d2v"), default=None, help="run one side only")
+    p.add_argument("--no-mae-augment", dest="mae_augment", action="store_false",
+                   help="MAE without its RandomResizedCrop + flip (data2vec 2.0's loader crops and flips as fairseq does)")
+    p.add_argument("--mae-decoder-dim", type=int, default=128)
+    p.add_argument("--mae-decoder-depth", type=int, default=2)
+    p.add_argument("--d2v", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra override of the data2vec 2.0 run (repeatable); default: the defaults")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("reports/bench/vs_mae.json"), help="the JSON; the plot beside it (.png)")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="only summarise the runs of these reports into --out (sides run as separate, "
+                        "concurrent processes: --only mae and --only d2v, one thread each)")
+    ns = p.parse_args(argv)
+    if ns.merge:
+        reports = [json.loads(f.read_text()) for f in ns.merge]
+        runs = [r for rep in reports for r in rep["runs"]]
+        cfg = load_config(["experiment=tiny", *IMAGE_ONLY, *ENCODER, "data.source=shards", f"data.root={ns.root}"])
+        probe_train = reports[0].get("probe_train", ns.probe_train)
+        merged = reports[0] | {"command": "python benchmarks/vs_mae.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                               "merged": [rep["command"] for rep in reports], "runs": runs,
+                               "summary": summarise(runs, max(r["train_seconds"] for r in runs)),
+                               "raw_pixel_probe": raw_pixel_probe(Prober(cfg, probe_train, "test", 0))}
+        print(f"raw pixels: {merged['raw_pixel_probe']:.4f}")
+        for row in merged["summary"]["per_seed"]:
+            print(row)
+        ns.out.write_text(json.dumps(merged, indent=2))
+        plot(runs, merged["summary"], ns.out.with_suffix(".png"), merged["raw_pixel_probe"])
+        print(f"wrote {ns.out} and its plot {ns.out.with_suffix('.png')}")
+        return 0
+    if ns.only != "d2v" and ns.mae_repo is None:
+        p.error("--mae-repo is required to run MAE (or --only d2v)")
+    torch.set_num_threads(ns.threads)
+    t0 = time.perf_counter()
+    runs: list[dict] = []
+    cfg = load_config(["experiment=tiny", *IMAGE_ONLY, *ENCODER, "data.source=shards", f"data.root={ns.root}"])
+    mae = lr_sched = prober = images = None
+    if ns.only != "d2v":
+        mae, lr_sched = import_mae(ns.mae_repo.expanduser())
+        prober = Prober(cfg, ns.probe_train, ns.probe_split, ns.probe_eval)
+        images = load_task_data(cfg, "image", "train", 0).source
+    with tempfile.TemporaryDirectory(prefix="d2v-vs-mae-") as tmp:
+        for seed in ns.seeds:
+            for side in ("mae", "d2v"):
+                if ns.only not in (None, side):
+                    continue
+                r = (run_mae(mae, lr_sched, prober, images, ns, seed) if side == "mae"
+                     else run_d2v(ns, seed, Path(tmp) / f"d2v_{seed}"))
+                runs.append(r)
+                print(f"{r['objective']:<28} seed {seed}: {r['steps']} steps, {r['images_per_s']:.0f} images/s, "
+                      + " ".join(f"{q['train_s'] / 60:.1f}m:{q['probe_acc']:.4f}" for q in r["points"]), flush=True)
+    summary = summarise(runs, ns.budget)
+    for row in summary["per_seed"]:
+        t = row["d2v_time_to_mae_final_s"]
+        print(f"seed {row['seed']}: MAE after {ns.budget / 60:.1f} min {row['mae_final_acc']:.4f}; data2vec 2.0 "
+              + (f"reaches it after {t:.0f} s: {row['ratio']:.2f}x" if t else "never reaches it: below 1x"))
+    report = {"command": "python benchmarks/vs_mae.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+              "machine": {"cpu": cpu_name(), "threads": ns.threads, "device": "cpu"}, "torch": torch.__version__,
+              "mae_recipe": MAE_RECIPE | {"decoder_dim": ns.mae_decoder_dim, "decoder_depth": ns.mae_decoder_depth},
+              "encoder": ENCODER, "probe_train": ns.probe_train, "probe_split": ns.probe_split,
+              "wall_s": time.perf_counter() - t0, "summary": summary, "runs": runs}
+    if prober is not None:
+        report["raw_pixel_probe"] = raw_pixel_probe(prober)
+    ns.out.parent.mkdir(parents=True, exist_ok=True)
+    ns.out.write_text(json.dumps(report, indent=2))
+    plot(runs, summary, ns.out.with_suffix(".png"), report.get("raw_pixel_probe"))
+    print(f"wrote {ns.out} and its plot {ns.out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
