@@ -271,7 +271,7 @@ def test_vs_mae_benchmark_runs_d2v_on_its_time_grid(tmp_path):
     (run,) = rep["runs"]
     assert run["objective"].startswith("data2vec2") and run["overrides"] == ["train.batch_size=2"]
     secs = [q["train_s"] for q in run["points"]]
-    assert secs[0] == 0 and secs == sorted(secs) and len(secs) >= 3 and secs[-1] >= 1.0
+    assert secs[0] < 0.05 and secs == sorted(secs) and len(secs) >= 3 and secs[-1] >= 1.0  # step 0: before training
     assert all(s >= k * 0.3 - 1e-3 for k, s in enumerate(secs[:-1]))
     assert rep["summary"] == {"per_seed": []}  # no MAE run, no ratio
     assert out.with_suffix(".png").stat().st_size > 1000
