@@ -277,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     if ns.only != "d2v":
         mae, lr_sched = import_mae(ns.mae_repo.expanduser())
         prober = Prober(cfg, ns.probe_train, ns.probe_split, ns.probe_eval)
-        images = load_task_data(cfg, "image", "train", 0).source
+        # the whole training split: the probe's own copy when it fits on all of it (decoded once)
+        images = prober.train.source if ns.probe_train == 0 else load_task_data(cfg, "image", "train", 0).source
     with tempfile.TemporaryDirectory(prefix="d2v-vs-mae-") as tmp:
         for seed in ns.seeds:
             for side in ("mae", "d2v"):
