@@ -1,6 +1,6 @@
 """data2vec 2.0 (``d2v pretrain``) against the real facebookresearch/mae code: time to accuracy on Fashion-MNIST.
 
-Issue 16 item 4. Both pretrain the same encoder size (ViT D=128, 4 blocks, 4 heads, patch 4 on
+Issue 16 item 4. Both pretrain the same encoder size (ViT D=``--embed-dim``, 128 or 64, 4 blocks, 4 heads, patch 4 on
 28x28) for ``--budget`` training seconds on the 55,000 training images of the pipeline's shards,
 one after the other in one process, and both are scored by the same probe on a fixed time grid
 (every ``--probe-minutes`` of training, probe time excluded): :func:`d2v.train.probe.linear_probe`,
@@ -20,7 +20,7 @@ settings on the validation split instead).
   nothing else: timm >= 0.6's ``Block`` has no ``qk_scale`` argument (always None in MAE), and
   numpy >= 1.24 has no ``np.float`` (used by ``util/pos_embed.py``). Features: the encoder's output
   (``forward_encoder`` with mask ratio 0, after its final norm) without the cls token, mean-pooled.
-* **data2vec 2.0**: one ``d2v pretrain`` run, image only, ``model.embed_dim=128`` and the defaults
+* **data2vec 2.0**: one ``d2v pretrain`` run, image only, ``model.embed_dim`` and the defaults
   a user gets otherwise (``experiment=tiny``); ``train.max_minutes`` spreads its schedule over the
   budget; ``train.probe_every_minutes`` + ``train.probe_split=test`` give the same probe grid.
 
@@ -55,7 +55,12 @@ from d2v.data.downstream import load_task_data  # noqa: E402
 from d2v.train.pretrain import pretrain  # noqa: E402
 from d2v.train.probe import linear_probe  # noqa: E402
 
-ENCODER = ["model.embed_dim=128", "model.depth=4", "model.num_heads=4"]
+
+def encoder(embed_dim: int) -> list[str]:
+    """The encoder both sides train: ViT D=``embed_dim``, 4 blocks, 4 heads, patch 4."""
+    return [f"model.embed_dim={embed_dim}", "model.depth=4", "model.num_heads=4"]
+
+
 MAE_RECIPE = {"batch": 256, "lr": 1e-3, "min_lr": 0.0, "weight_decay": 0.05, "mask_ratio": 0.75,
               "epochs": 400, "warmup_epochs": 40, "norm_pix_loss": True}
 
@@ -109,7 +114,7 @@ def run_mae(mae, lr_sched, prober: Prober, images: torch.Tensor, ns, seed: int) 
 
     r = MAE_RECIPE
     torch.manual_seed(seed)
-    model = mae.MaskedAutoencoderViT(img_size=28, patch_size=4, in_chans=3, embed_dim=128, depth=4, num_heads=4,
+    model = mae.MaskedAutoencoderViT(img_size=28, patch_size=4, in_chans=3, embed_dim=ns.embed_dim, depth=4, num_heads=4,
                                      decoder_embed_dim=ns.mae_decoder_dim, decoder_depth=ns.mae_decoder_depth,
                                      decoder_num_heads=4, mlp_ratio=4,
                                      norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6),
@@ -158,7 +163,7 @@ def run_mae(mae, lr_sched, prober: Prober, images: torch.Tensor, ns, seed: int) 
 
 
 def run_d2v(ns, seed: int, out_dir: Path) -> dict:
-    cfg = load_config(["experiment=tiny", *IMAGE_ONLY, *ENCODER, *ns.d2v, f"seed={seed}", "data.source=shards",
+    cfg = load_config(["experiment=tiny", *IMAGE_ONLY, *encoder(ns.embed_dim), *ns.d2v, f"seed={seed}", "data.source=shards",
                        f"data.root={ns.root}", f"train.max_minutes={ns.budget / 60}",
                        f"train.max_steps={SCHEDULE_STEPS}", f"train.warmup_steps={int(0.05 * SCHEDULE_STEPS)}",
                        "train.ckpt_every=0", "train.probe_every=0", f"train.probe_every_minutes={ns.probe_minutes}",
@@ -196,7 +201,7 @@ def summarise(runs: list[dict], budget: float) -> dict:
     return out
 
 
-def plot(runs: list[dict], summary: dict, path: Path, raw: float | None = None) -> None:
+def plot(runs: list[dict], summary: dict, path: Path, raw: float | None = None, embed_dim: int = 128) -> None:
     """Probe accuracy against training minutes, one line per run, MAE's final accuracies dashed."""
     import matplotlib
 
@@ -218,7 +223,7 @@ def plot(runs: list[dict], summary: dict, path: Path, raw: float | None = None) 
     ax.set_xlabel("pretraining minutes (probe time excluded)")
     ax.set_ylabel("linear probe accuracy (frozen, mean-pooled)")
     head = f", median {summary['median_ratio']:.1f}x (goal 8x)" if summary.get("median_ratio") is not None else ""
-    ax.set_title(f"Fashion-MNIST, ViT D=128: data2vec 2.0 vs facebookresearch/mae{head}", fontsize=9)
+    ax.set_title(f"Fashion-MNIST, ViT D={embed_dim}: data2vec 2.0 vs facebookresearch/mae{head}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -241,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=("mae", "d2v"), default=None, help="run one side only")
     p.add_argument("--no-mae-augment", dest="mae_augment", action="store_false",
                    help="MAE without its RandomResizedCrop + flip (data2vec 2.0's loader crops and flips as fairseq does)")
+    p.add_argument("--embed-dim", type=int, default=128, help="the encoder width of both sides (4 blocks, 4 heads)")
     p.add_argument("--mae-decoder-dim", type=int, default=128)
     p.add_argument("--mae-decoder-depth", type=int, default=2)
     p.add_argument("--d2v", action="append", default=[], metavar="KEY=VALUE",
@@ -254,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     if ns.merge:
         reports = [json.loads(f.read_text()) for f in ns.merge]
         runs = [r for rep in reports for r in rep["runs"]]
-        cfg = load_config(["experiment=tiny", *IMAGE_ONLY, *ENCODER, "data.source=shards", f"data.root={ns.root}"])
+        ns.embed_dim = reports[0].get("embed_dim", 128)
+        cfg = load_config(["experiment=tiny", *IMAGE_ONLY, *encoder(ns.embed_dim), "data.source=shards", f"data.root={ns.root}"])
         probe_train = reports[0].get("probe_train", ns.probe_train)
         merged = reports[0] | {"command": "python benchmarks/vs_mae.py " + " ".join(sys.argv[1:] if argv is None else argv),
                                "merged": [rep["command"] for rep in reports], "runs": runs,
@@ -264,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in merged["summary"]["per_seed"]:
             print(row)
         ns.out.write_text(json.dumps(merged, indent=2))
-        plot(runs, merged["summary"], ns.out.with_suffix(".png"), merged["raw_pixel_probe"])
+        plot(runs, merged["summary"], ns.out.with_suffix(".png"), merged["raw_pixel_probe"], ns.embed_dim)
         print(f"wrote {ns.out} and its plot {ns.out.with_suffix('.png')}")
         return 0
     if ns.only != "d2v" and ns.mae_repo is None:
@@ -272,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(ns.threads)
     t0 = time.perf_counter()
     runs: list[dict] = []
-    cfg = load_config(["experiment=tiny", *IMAGE_ONLY, *ENCODER, "data.source=shards", f"data.root={ns.root}"])
+    cfg = load_config(["experiment=tiny", *IMAGE_ONLY, *encoder(ns.embed_dim), "data.source=shards", f"data.root={ns.root}"])
     mae = lr_sched = prober = images = None
     if ns.only != "d2v":
         mae, lr_sched = import_mae(ns.mae_repo.expanduser())
@@ -298,13 +305,13 @@ def main(argv: list[str] | None = None) -> int:
               "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
               "machine": {"cpu": cpu_name(), "threads": ns.threads, "device": "cpu"}, "torch": torch.__version__,
               "mae_recipe": MAE_RECIPE | {"decoder_dim": ns.mae_decoder_dim, "decoder_depth": ns.mae_decoder_depth},
-              "encoder": ENCODER, "probe_train": ns.probe_train, "probe_split": ns.probe_split,
+              "embed_dim": ns.embed_dim, "encoder": encoder(ns.embed_dim), "probe_train": ns.probe_train, "probe_split": ns.probe_split,
               "wall_s": time.perf_counter() - t0, "summary": summary, "runs": runs}
     if prober is not None:
         report["raw_pixel_probe"] = raw_pixel_probe(prober)
     ns.out.parent.mkdir(parents=True, exist_ok=True)
     ns.out.write_text(json.dumps(report, indent=2))
-    plot(runs, summary, ns.out.with_suffix(".png"), report.get("raw_pixel_probe"))
+    plot(runs, summary, ns.out.with_suffix(".png"), report.get("raw_pixel_probe"), ns.embed_dim)
     print(f"wrote {ns.out} and its plot {ns.out.with_suffix('.png')}")
     return 0
 

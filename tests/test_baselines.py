@@ -262,12 +262,13 @@ def _vs_mae_shards(tmp_path):
 
 def test_vs_mae_benchmark_runs_d2v_on_its_time_grid(tmp_path):
     """The data2vec 2.0 side of benchmarks/vs_mae.py (the MAE side needs a facebookresearch/mae
-    checkout: the next test); the D=128 encoder, probed on the test split every 0.3 s."""
+    checkout: the next test); the D=64 encoder (--embed-dim), probed on the test split every 0.3 s."""
     out = tmp_path / "vs.json"
     _run([str(PROJECT_ROOT / "benchmarks/vs_mae.py"), "--only", "d2v", "--root", str(_vs_mae_shards(tmp_path)),
-          "--budget", "1", "--probe-minutes", "0.005", "--probe-train", "10", "--threads", "1",
+          "--budget", "1", "--probe-minutes", "0.005", "--probe-train", "10", "--threads", "1", "--embed-dim", "64",
           "--d2v", "train.batch_size=2", "--out", str(out)])
     rep = json.loads(out.read_text())
+    assert rep["embed_dim"] == 64 and rep["encoder"][0] == "model.embed_dim=64"
     (run,) = rep["runs"]
     assert run["objective"].startswith("data2vec2") and run["overrides"] == ["train.batch_size=2"]
     secs = [q["train_s"] for q in run["points"]]

@@ -4,6 +4,7 @@ run knobs (keep_every, max_minutes, copies/s): same loop, loaders, checkpoints a
 from __future__ import annotations
 
 import csv
+import time
 
 import numpy as np
 import pytest
@@ -94,8 +95,13 @@ def test_online_probe_logs_curves_without_changing_training(tmp_path, shard_root
     over = ["train.modalities=[image,text]", "train.max_steps=4", "train.probe_train=12", "train.probe_val=10"]
     plain = pretrain(tiny_shards(tmp_path / "a", shard_root, *over), progress=False)
     probe_tsv = tmp_path / "probe.tsv"
+    t0 = time.perf_counter()
     probed = pretrain(tiny_shards(tmp_path / "b", shard_root, *over, "train.probe_every=2"), progress=False,
                       probe_path=probe_tsv)
+    wall = time.perf_counter() - t0
+    # the probe's own clock: 0 when off; when on, apart from the training seconds and inside the call's wall time
+    assert plain.probe_seconds == 0.0 and probed.probe_seconds > 0.0
+    assert probed.train_seconds + probed.probe_seconds < wall
     # probing reads the encoder in eval mode and restores it and the RNG: the run trains identically
     a, b = (torch.load(r.checkpoint, weights_only=True)["model"] for r in (plain, probed))
     assert all(torch.equal(v, b[k]) for k, v in a.items())

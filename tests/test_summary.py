@@ -34,7 +34,7 @@ def write_reports(root: Path) -> None:
         (m / f"finetune_{task}.json").write_text(json.dumps({"seconds": 40.0, "baseline_seconds": 30.0}))
     (m / "pretrain.json").write_text(json.dumps({
         "steps": 600, "first_loss": {"image": 11.0}, "final_loss": {"image": 6.8}, "samples_per_s": 94.0,
-        "copies_per_s": 376.0, "train_seconds": 114.0, "probe": {"image": 0.625}}))
+        "copies_per_s": 376.0, "train_seconds": 114.0, "probe": {"image": 0.625}, "probe_seconds": 9.0}))
 
 
 def test_verdicts_follow_the_standard_error_of_the_difference(tmp_path):
@@ -54,7 +54,8 @@ def test_verdicts_follow_the_standard_error_of_the_difference(tmp_path):
     assert Comparison(0.51, 0.50, 10000).verdict == "within noise"  # 1.4 se
     text = render(s)
     for want in ("+0.041 ± 0.007", "-0.150 ± 0.026", "worse", "94 samples/s (376 masked copies/s)",
-                 "finetune@image 70 s", "evaluate@text 12 s", "mlflow_ui.sh", "no dvc.lock here"):
+                 "finetune@image 70 s", "evaluate@text 12 s",
+                 "probing took 9 s, 8% of the training time", "mlflow_ui.sh", "no dvc.lock here"):
         assert want in text, want
 
 

@@ -267,7 +267,10 @@ def render(s: Summary, mlflow_uri: str | None = None) -> str:
                 + (f", {_fmt_seconds(secs)} of training" if isinstance(secs, (int, float)) else "")
                 + (f"; loss {loss}" if loss else "")]
         if p.get("probe"):
-            out.append("  online probe at the end: " + ", ".join(f"{m} {a:.3f}" for m, a in p["probe"].items()))
+            ps = p.get("probe_seconds")
+            cost = (f" (probing took {_fmt_seconds(ps)}, {ps / secs:.0%} of the training time)"
+                    if isinstance(ps, (int, float)) and isinstance(secs, (int, float)) and secs > 0 else "")
+            out.append("  online probe at the end: " + ", ".join(f"{m} {a:.3f}" for m, a in p["probe"].items()) + cost)
     if s.stage_seconds:
         out += ["", "Wall time per stage (as each stage's report records it): "
                 + ", ".join(f"{k} {_fmt_seconds(v)}" for k, v in s.stage_seconds.items())]

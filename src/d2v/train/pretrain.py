@@ -61,6 +61,7 @@ class PretrainResult:
     samples_per_s: float = 0.0
     copies_per_s: float = 0.0  # masked copies: samples x clone_batch (data2vec 1/2), samples (MAE, BERT)
     train_seconds: float = 0.0  # wall clock of training, probes excluded
+    probe_seconds: float = 0.0  # wall clock of the online probe in this process (its data decoding included)
     probes: list[dict] = field(default_factory=list)
     checkpoint: str = ""
     mlflow_run_id: str = ""
@@ -305,6 +306,8 @@ def _pretrain(cfg: Config, info: DistInfo, resume, progress: bool, metrics_path,
     result.checkpoint = str(ckpt_path)
     result.steps = max(start, done)
     result.train_seconds = trained_s + own_s
+    if probe is not None:
+        result.probe_seconds = probe.seconds + probe.load_seconds
     if stop_after is None:
         result.samples_per_s = n_samples / max(1e-9, own_s)
         result.copies_per_s = result.samples_per_s * copies
@@ -382,6 +385,7 @@ def _write_reports(cfg: Config, result: PretrainResult, metrics_path: Path | Non
             "copies_per_s": result.copies_per_s,
             "train_seconds": result.train_seconds,
             "probe": final_probe,
+            "probe_seconds": result.probe_seconds,
             "world_size": result.world_size,
             "mlflow_run_id": result.mlflow_run_id,
         }, indent=2))
