@@ -15,7 +15,8 @@ settings on the validation split instead).
   (``main_pretrain.py`` / ``engine_pretrain.py``): batch 256, lr 1e-3 (blr 1e-3 x 256/256), AdamW
   betas (0.9, 0.95), weight decay 0.05 without norms and biases (timm's param groups), mask 0.75,
   ``--norm_pix_loss``, 10% warm-up (40 of 400 epochs) then a half cosine, spread over the budget,
-  RandomResizedCrop(scale 0.2-1, bicubic) + horizontal flip. The grey image is repeated to 3
+  RandomResizedCrop(scale 0.2-1, bicubic) + horizontal flip; a decoder 64 wide, 1 block (``--mae-decoder-dim``,
+  ``--mae-decoder-depth``: MAE's better choice here than 128 x 2). The grey image is repeated to 3
   channels (MAE's patchify assumes RGB, as an ImageFolder would load it). Two compatibility shims,
   nothing else: timm >= 0.6's ``Block`` has no ``qk_scale`` argument (always None in MAE), and
   numpy >= 1.24 has no ``np.float`` (used by ``util/pos_embed.py``). Features: the encoder's output
@@ -247,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-mae-augment", dest="mae_augment", action="store_false",
                    help="MAE without its RandomResizedCrop + flip (data2vec 2.0's loader crops and flips as fairseq does)")
     p.add_argument("--embed-dim", type=int, default=128, help="the encoder width of both sides (4 blocks, 4 heads)")
-    p.add_argument("--mae-decoder-dim", type=int, default=128)
-    p.add_argument("--mae-decoder-depth", type=int, default=2)
+    # MAE's better decoder at this size: 64 wide, 1 block beat 128 x 2 at every probe point (BENCHMARKS.md)
+    p.add_argument("--mae-decoder-dim", type=int, default=64)
+    p.add_argument("--mae-decoder-depth", type=int, default=1)
     p.add_argument("--d2v", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra override of the data2vec 2.0 run (repeatable); default: the defaults")
     p.add_argument("--threads", type=int, default=2)
