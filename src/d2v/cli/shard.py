@@ -1,6 +1,8 @@
 """``d2v shard --modality m``: WebDataset shards + wids indexes per split (DVC stage ``shard@m``).
 
-Writes ``data/shards/<m>/<split>-NNNNNN.tar``, ``<split>.json`` (wids index) and ``summary.json``.
+Writes ``data/shards/<m>/<split>-NNNNNN.tar``, ``<split>.json`` (wids index) and ``summary.json``
+(byte-identical for the same inputs and seed), and ``reports/data/shard_<m>.json``: the same summary
+with the stage's wall time.
 
 Example:
   d2v shard --modality image --params params.yaml
@@ -31,6 +33,9 @@ def main(argv: list[str]) -> int:
         summary = write_shards(ns.modality, Path(cfg.data.root), cfg.seed, s.maxcount, s.min_shards,
                                tokenizer_path=ns.tokenizer if ns.modality == "text" else None,
                                sample_rate=cfg.data.speech.sample_rate, progress=show_progress(ns))
+        report = Path("reports/data") / f"shard_{ns.modality}.json"
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps(summary, indent=2))
         print(json.dumps(summary, indent=2))
         return 0
 

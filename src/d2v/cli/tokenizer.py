@@ -1,6 +1,7 @@
 """``d2v tokenizer``: train sentencepiece on the text training split (DVC stage ``tokenizer``).
 
-Writes ``models/tokenizer/spm.model`` (ids: <s>=0, <pad>=1, </s>=2, <unk>=3) and ``tokenizer.json``.
+Writes ``models/tokenizer/spm.model`` (ids: <s>=0, <pad>=1, </s>=2, <unk>=3) and ``tokenizer.json``,
+and ``reports/data/tokenizer.json``: the same with the stage's wall time.
 
 Example:
   d2v tokenizer --params params.yaml
@@ -27,6 +28,9 @@ def main(argv: list[str]) -> int:
         cfg = config_from_args(ns)
         t = cfg.data.tokenizer
         info = train_tokenizer(cfg.data.root, ns.out, t.vocab_size, t.model_type, t.character_coverage, cfg.seed)
+        report = Path("reports/data/tokenizer.json")
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps(info, indent=2))
         print(json.dumps(info, indent=2))
         return 0
 

@@ -35,8 +35,8 @@ STAGE_REPORTS: dict[str, tuple[str, tuple[str, ...]]] = {
     # (the speech download report's "seconds" is the audio's length; "elapsed" its wall time)
     **{f"download@{m}": (f"reports/data/download_{m}.json", ("elapsed_s", "elapsed")) for m in TASKS},
     **{f"validate@{m}": (f"reports/validation/{m}.json", ("seconds",)) for m in TASKS},
-    "tokenizer": ("models/tokenizer/tokenizer.json", ("seconds",)),
-    **{f"shard@{m}": (f"data/shards/{m}/summary.json", ("seconds",)) for m in TASKS},
+    "tokenizer": ("reports/data/tokenizer.json", ("seconds",)),
+    **{f"shard@{m}": (f"reports/data/shard_{m}.json", ("seconds",)) for m in TASKS},
     "pretrain": ("reports/metrics/pretrain.json", ("train_seconds",)),
     **{f"finetune@{m}": (f"reports/metrics/finetune_{m}.json", ("seconds",)) for m in TASKS},
     **{f"evaluate@{m}": (f"reports/metrics/eval_{m}.json", ("seconds",)) for m in TASKS},
