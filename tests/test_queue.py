@@ -92,7 +92,9 @@ def fake_upstream(root: Path) -> None:
     for m in ("image", "speech", "text"):
         put(f"reports/data/download_{m}.json")
         put(f"reports/validation/{m}.json", '{"success": true}\n')
+        put(f"reports/data/shard_{m}.json")
     put("models/tokenizer/placeholder.txt", "tokenizer")
+    put("reports/data/tokenizer.json")
     put("reports/plots/pretrain_loss.tsv", "step\tmodality\tloss\n")
     put("reports/plots/pretrain_probe.tsv", "train_seconds\taccuracy\n")
     with pytest.MonkeyPatch.context() as mp:  # the pretraining run, in this repo's store
