@@ -28,15 +28,23 @@ settings on the validation split instead).
 Headline: MAE's accuracy at the end of its budget, and the training seconds data2vec 2.0 needs to
 first reach it (``first_time_reaching``): the ratio MAE budget / that time. Medians over ``--seeds``.
 
+Because the paper's 16x is on fine-tuning accuracy, the encoders at ``--finetune-minutes`` of training
+(the probe points nearest them) are also scored by a **short fine-tune**, the same for both sides
+(:func:`short_finetune`, ``FINETUNE_RECIPE``): the whole encoder plus a LayerNorm + linear head on the
+mean-pooled last-block features (MAE's ``global_pool`` head), AdamW, 10% warm-up then cosine, no
+augmentation, one seeded batch order, scored on the same test images; the same ratio follows from it.
+
     python benchmarks/vs_mae.py --mae-repo ~/src/mae --budget 720 --probe-minutes 1.5 --seeds 1 2 3 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import importlib
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -52,9 +60,10 @@ from step_time import cpu_name  # noqa: E402
 from time_to_accuracy import IMAGE_ONLY, SCHEDULE_STEPS, first_time_reaching  # noqa: E402
 
 from d2v.config import load_config  # noqa: E402
-from d2v.data.downstream import load_task_data  # noqa: E402
+from d2v.data.downstream import LabelledSplit, load_task_data  # noqa: E402
+from d2v.models import Data2Vec2  # noqa: E402
 from d2v.train.pretrain import pretrain  # noqa: E402
-from d2v.train.probe import linear_probe  # noqa: E402
+from d2v.train.probe import OnlineProbe, linear_probe  # noqa: E402
 
 
 def encoder(embed_dim: int) -> list[str]:
@@ -85,6 +94,78 @@ def import_mae(repo: Path):
     return importlib.import_module("models_mae"), importlib.import_module("util.lr_sched")
 
 
+# The short fine-tune both sides' checkpoints get (issue 16: the paper's 16x is on fine-tuning accuracy).
+# No layer decay, drop path, MixUp or augmentation: a common minimal recipe, not either method's own.
+FINETUNE_RECIPE = {"steps": 300, "batch": 128, "lr": 1e-3, "weight_decay": 0.05, "warmup_fraction": 0.1}
+
+
+class PooledClassifier(torch.nn.Module):
+    """``head(norm(mean-pooled last-block features))``: MAE's ``global_pool`` + ``fc_norm`` head."""
+
+    def __init__(self, encoder: torch.nn.Module, pooled, dim: int, classes: int):
+        super().__init__()
+        self.encoder, self.pooled = encoder, pooled
+        self.norm, self.head = torch.nn.LayerNorm(dim), torch.nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.pooled(self.encoder, x)))
+
+
+def short_finetune(encoder: torch.nn.Module, pooled, dim: int, train: LabelledSplit, test: LabelledSplit,
+                   steps: int, seed: int) -> float:
+    """Test accuracy after fine-tuning ``encoder`` and a new head for ``steps`` steps of ``FINETUNE_RECIPE``.
+
+    The same head initialisation and batch order for every encoder of one seed; the encoder in eval
+    mode (no dropout or layerdrop) with gradients on. Parameters never reached (MAE's decoder,
+    data2vec 2.0's decoder and other modalities) get no gradient, so AdamW leaves them alone.
+    """
+    r = FINETUNE_RECIPE
+    torch.manual_seed(seed)
+    model = PooledClassifier(encoder, pooled, dim, int(train.label.max()) + 1).eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": r["weight_decay"]},
+                             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}], lr=r["lr"])
+    warm = max(1, int(r["warmup_fraction"] * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: (i + 1) / warm if i < warm else 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, steps - warm))))
+    gen = torch.Generator().manual_seed(seed)
+    order, pos = torch.randperm(len(train), generator=gen), 0
+    with torch.enable_grad():
+        for _ in range(steps):
+            if pos + r["batch"] > len(order):
+                order, pos = torch.randperm(len(train), generator=gen), 0
+            idx = order[pos : pos + r["batch"]]
+            pos += r["batch"]
+            loss = torch.nn.functional.cross_entropy(model(train.source[idx]), train.label[idx])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+    with torch.no_grad():
+        pred = torch.cat([model(test.source[i : i + 1024]).argmax(1) for i in range(0, len(test), 1024)])
+    return float((pred == test.label).float().mean())
+
+
+def finetune_points(points: list[dict], minutes: list[float], gap_s: float) -> list[int]:
+    """Indices of the probe points nearest each of ``minutes`` (within half a probe gap; others skipped)."""
+    chosen = []
+    for m in minutes:
+        i = min(range(len(points)), key=lambda k: abs(points[k]["train_s"] - 60 * m))
+        if abs(points[i]["train_s"] - 60 * m) <= gap_s / 2 + 1.0 and i not in chosen:
+            chosen.append(i)
+    return chosen
+
+
+def score_by_finetune(points: list[dict], snapshots: list, build, pooled, dim: int, data, ns, seed: int) -> None:
+    """Adds ``finetune_acc`` to the chosen points (``build(snapshot)``: a fresh encoder holding it)."""
+    for i in finetune_points(points, ns.finetune_minutes, ns.probe_minutes * 60):
+        t0 = time.perf_counter()
+        points[i]["finetune_acc"] = short_finetune(build(snapshots[i]), pooled, dim, data.train, data.test,
+                                                   ns.finetune_steps, seed)
+        print(f"  fine-tuned the {points[i]['train_s'] / 60:.1f}-minute encoder: {points[i]['finetune_acc']:.4f} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
 class Prober:
     """The probe both methods get: fixed train/test sets in memory, ``linear_probe`` on pooled features."""
 
@@ -108,7 +189,7 @@ def raw_pixel_probe(prober: Prober) -> float:
     return prober(lambda x: x.flatten(1))
 
 
-def run_mae(mae, lr_sched, prober: Prober, images: torch.Tensor, ns, seed: int) -> dict:
+def run_mae(mae, lr_sched, prober: Prober, images: torch.Tensor, ns, seed: int, data=None) -> dict:
     """MAE's pretraining loop (engine_pretrain.train_one_epoch, fp32 on CPU) for ``ns.budget`` training seconds."""
     from timm.optim import param_groups_weight_decay
     from torchvision.transforms import v2
@@ -131,9 +212,10 @@ def run_mae(mae, lr_sched, prober: Prober, images: torch.Tensor, ns, seed: int) 
         model.train()
         return latent[:, 1:].mean(1)
 
-    points, steps, trained = [], 0, 0.0
+    points, snapshots, steps, trained = [], [], 0, 0.0
     gap = ns.probe_minutes * 60
     points.append({"train_s": 0.0, "step": 0, "probe_acc": prober(features)})
+    snapshots.append(copy.deepcopy(model.state_dict()))
     next_probe = gap
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(images), generator=gen)
@@ -157,13 +239,23 @@ def run_mae(mae, lr_sched, prober: Prober, images: torch.Tensor, ns, seed: int) 
         if trained >= next_probe or trained >= ns.budget:
             points.append({"train_s": round(trained, 1), "step": steps, "probe_acc": prober(features),
                            "loss": loss.item()})
+            snapshots.append(copy.deepcopy(model.state_dict()))
             next_probe = (int(trained / gap) + 1) * gap
+    if data is not None:
+        def build(state):
+            model.load_state_dict(state)
+            return model
+
+        def pooled(m, x):  # forward_encoder with mask ratio 0 keeps every patch (shuffled: mean-pooling ignores order)
+            return m.forward_encoder(x.expand(-1, 3, -1, -1), 0.0)[0][:, 1:].mean(1)
+
+        score_by_finetune(points, snapshots, build, pooled, ns.embed_dim, data, ns, seed)
     return {"objective": "mae (facebookresearch/mae)", "seed": seed, "augment": ns.mae_augment, "steps": steps, "batch": r["batch"],
             "images_per_s": steps * r["batch"] / trained, "train_seconds": trained, "points": points,
             "final_acc": points[-1]["probe_acc"]}
 
 
-def run_d2v(ns, seed: int, out_dir: Path) -> dict:
+def run_d2v(ns, seed: int, out_dir: Path, data=None) -> dict:
     cfg = load_config(["experiment=tiny", *IMAGE_ONLY, *encoder(ns.embed_dim), *ns.d2v, f"seed={seed}", "data.source=shards",
                        f"data.root={ns.root}", f"train.max_minutes={ns.budget / 60}",
                        f"train.max_steps={SCHEDULE_STEPS}", f"train.warmup_steps={int(0.05 * SCHEDULE_STEPS)}",
@@ -171,8 +263,28 @@ def run_d2v(ns, seed: int, out_dir: Path) -> dict:
                        f"train.probe_train={ns.probe_train}", f"train.probe_val={ns.probe_eval}",
                        f"train.probe_split={ns.probe_split}",
                        "train.track=false", f"train.threads={ns.threads}", f"train.out_dir={out_dir}"])
-    res = pretrain(cfg, progress=False)
+    snapshots: list[dict] = []
+
+    class SnapshotProbe(OnlineProbe):  # keeps the student at each probe, for the short fine-tunes
+        def __call__(self, backbone):
+            snapshots.append(copy.deepcopy(backbone.state_dict()))
+            return super().__call__(backbone)
+
+    import d2v.train.pretrain as pretrain_module
+    pretrain_module.OnlineProbe = SnapshotProbe
+    try:
+        res = pretrain(cfg, progress=False)
+    finally:
+        pretrain_module.OnlineProbe = OnlineProbe
     points = [{"train_s": p["train_seconds"], "step": p["step"], "probe_acc": p["accuracy"]} for p in res.probes]
+    if data is not None:
+        def build(state):
+            model = Data2Vec2(cfg.model)
+            model.load_state_dict(state)
+            return model
+
+        score_by_finetune(points, snapshots, build, lambda m, x: m.features(x, "image").x.mean(1),
+                          cfg.model.embed_dim, data, ns, seed)
     return {"objective": "data2vec2 (d2v pretrain)", "seed": seed, "steps": res.steps, "batch": cfg.train.batch_size,
             "masks_per_sample": cfg.model.clone_batch, "images_per_s": res.samples_per_s,
             "train_seconds": res.train_seconds, "points": points, "final_acc": points[-1]["probe_acc"],
@@ -190,8 +302,17 @@ def summarise(runs: list[dict], budget: float) -> dict:
             continue
         target = pair["mae"]["final_acc"]
         t = first_time_reaching(pair["d2v"]["points"], target)
-        rows.append({"seed": seed, "mae_final_acc": target, "d2v_final_acc": pair["d2v"]["final_acc"],
-                     "d2v_time_to_mae_final_s": t, "ratio": pair["mae"]["train_seconds"] / t if t else None})
+        row = {"seed": seed, "mae_final_acc": target, "d2v_final_acc": pair["d2v"]["final_acc"],
+               "d2v_time_to_mae_final_s": t, "ratio": pair["mae"]["train_seconds"] / t if t else None}
+        ft_target = pair["mae"]["points"][-1].get("finetune_acc")
+        ft_points = [{"train_s": q["train_s"], "probe_acc": q["finetune_acc"]}
+                     for q in pair["d2v"]["points"] if "finetune_acc" in q]
+        if ft_target is not None and ft_points:  # the same ratio, by the short fine-tune
+            tf = first_time_reaching(ft_points, ft_target)
+            row |= {"mae_final_finetune_acc": ft_target, "d2v_final_finetune_acc": ft_points[-1]["probe_acc"],
+                    "d2v_time_to_mae_final_finetune_s": tf,
+                    "finetune_ratio": pair["mae"]["train_seconds"] / tf if tf else None}
+        rows.append(row)
     out: dict = {"per_seed": rows}
     if rows:
         ratios = [r["ratio"] or 0.0 for r in rows]  # never reached counts as 0 (below 1x)
@@ -199,34 +320,47 @@ def summarise(runs: list[dict], budget: float) -> dict:
                 "median_d2v_final_acc": statistics.median(r["d2v_final_acc"] for r in rows),
                 "median_ratio": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)],
                 "goal": 8.0, "budget_s": budget}
+        if all("finetune_ratio" in r for r in rows):
+            ft = [r["finetune_ratio"] or 0.0 for r in rows]
+            out |= {"median_mae_final_finetune_acc": statistics.median(r["mae_final_finetune_acc"] for r in rows),
+                    "median_d2v_final_finetune_acc": statistics.median(r["d2v_final_finetune_acc"] for r in rows),
+                    "median_finetune_ratio": statistics.median(ft), "finetune_ratio_range": [min(ft), max(ft)]}
     return out
 
 
 def plot(runs: list[dict], summary: dict, path: Path, raw: float | None = None, embed_dim: int = 128) -> None:
-    """Probe accuracy against training minutes, one line per run, MAE's final accuracies dashed."""
+    """Probe accuracy against training minutes, one line per run, MAE's final accuracies dashed; a
+    second panel with the short fine-tune's accuracy when the runs were scored by it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    panels = [("probe_acc", "mae_final_acc", "linear probe accuracy (frozen, mean-pooled)", "median_ratio")]
+    if any("finetune_acc" in q for r in runs for q in r["points"]):
+        panels.append(("finetune_acc", "mae_final_finetune_acc", "accuracy after a short fine-tune",
+                       "median_finetune_ratio"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.2), squeeze=False)
     colours = {"mae": "tab:orange", "data2vec2": "tab:blue"}
-    seen = set()
-    for r in runs:
-        kind = r["objective"].split()[0]
-        ax.plot([q["train_s"] / 60 for q in r["points"]], [q["probe_acc"] for q in r["points"]], marker="o", ms=3,
-                color=colours.get(kind, "grey"), alpha=0.8, label=None if kind in seen else r["objective"])
-        seen.add(kind)
-    for row in summary.get("per_seed", []):
-        ax.axhline(row["mae_final_acc"], color=colours["mae"], ls="--", lw=0.8, alpha=0.6)
-    if raw is not None:
-        ax.axhline(raw, color="black", ls=":", lw=1, label=f"raw pixels ({raw:.3f})")
-    ax.set_xlabel("pretraining minutes (probe time excluded)")
-    ax.set_ylabel("linear probe accuracy (frozen, mean-pooled)")
-    head = f", median {summary['median_ratio']:.1f}x (goal 8x)" if summary.get("median_ratio") is not None else ""
-    ax.set_title(f"Fashion-MNIST, ViT D={embed_dim}: data2vec 2.0 vs facebookresearch/mae{head}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    for ax, (key, target, ylabel, ratio) in zip(axes[0], panels):
+        seen = set()
+        for r in runs:
+            kind = r["objective"].split()[0]
+            pts = [q for q in r["points"] if key in q]
+            ax.plot([q["train_s"] / 60 for q in pts], [q[key] for q in pts], marker="o", ms=3,
+                    color=colours.get(kind, "grey"), alpha=0.8, label=None if kind in seen else r["objective"])
+            seen.add(kind)
+        for row in summary.get("per_seed", []):
+            if target in row:
+                ax.axhline(row[target], color=colours["mae"], ls="--", lw=0.8, alpha=0.6)
+        if raw is not None and key == "probe_acc":
+            ax.axhline(raw, color="black", ls=":", lw=1, label=f"raw pixels ({raw:.3f})")
+        ax.set_xlabel("pretraining minutes (probe time excluded)")
+        ax.set_ylabel(ylabel)
+        head = f", median {summary[ratio]:.1f}x (goal 8x)" if summary.get(ratio) is not None else ""
+        ax.set_title(f"Fashion-MNIST, ViT D={embed_dim}: data2vec 2.0 vs facebookresearch/mae{head}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -253,6 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mae-decoder-depth", type=int, default=1)
     p.add_argument("--d2v", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra override of the data2vec 2.0 run (repeatable); default: the defaults")
+    p.add_argument("--finetune-minutes", type=float, nargs="*", default=[0, 1.5, 3, 6, 12], metavar="MIN",
+                   help="score the encoders at these training minutes (the nearest probe points) by a short "
+                        "fine-tune too (none: probe only)")
+    p.add_argument("--finetune-steps", type=int, default=FINETUNE_RECIPE["steps"],
+                   help=f"steps of the short fine-tune (batch {FINETUNE_RECIPE['batch']})")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("reports/bench/vs_mae.json"), help="the JSON; the plot beside it (.png)")
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
@@ -282,32 +421,42 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     runs: list[dict] = []
     cfg = load_config(["experiment=tiny", *IMAGE_ONLY, *encoder(ns.embed_dim), "data.source=shards", f"data.root={ns.root}"])
-    mae = lr_sched = prober = images = None
+    mae = lr_sched = prober = images = data = None
     if ns.only != "d2v":
         mae, lr_sched = import_mae(ns.mae_repo.expanduser())
         prober = Prober(cfg, ns.probe_train, ns.probe_split, ns.probe_eval)
+    if ns.finetune_minutes or ns.only != "d2v":
         # the whole training split: the probe's own copy when it fits on all of it (decoded once)
-        images = prober.train.source if ns.probe_train == 0 else load_task_data(cfg, "image", "train", 0).source
+        train = prober.train if prober is not None and ns.probe_train == 0 else load_task_data(cfg, "image", "train", 0)
+        images = train.source
+        if ns.finetune_minutes:  # the short fine-tune: all training images, scored on the probe's test images
+            test = prober.test if prober is not None else load_task_data(cfg, "image", ns.probe_split, ns.probe_eval)
+            data = SimpleNamespace(train=train, test=test)
     with tempfile.TemporaryDirectory(prefix="d2v-vs-mae-") as tmp:
         for seed in ns.seeds:
             for side in ("mae", "d2v"):
                 if ns.only not in (None, side):
                     continue
-                r = (run_mae(mae, lr_sched, prober, images, ns, seed) if side == "mae"
-                     else run_d2v(ns, seed, Path(tmp) / f"d2v_{seed}"))
+                r = (run_mae(mae, lr_sched, prober, images, ns, seed, data) if side == "mae"
+                     else run_d2v(ns, seed, Path(tmp) / f"d2v_{seed}", data))
                 runs.append(r)
                 print(f"{r['objective']:<28} seed {seed}: {r['steps']} steps, {r['images_per_s']:.0f} images/s, "
                       + " ".join(f"{q['train_s'] / 60:.1f}m:{q['probe_acc']:.4f}" for q in r["points"]), flush=True)
     summary = summarise(runs, ns.budget)
     for row in summary["per_seed"]:
-        t = row["d2v_time_to_mae_final_s"]
-        print(f"seed {row['seed']}: MAE after {ns.budget / 60:.1f} min {row['mae_final_acc']:.4f}; data2vec 2.0 "
-              + (f"reaches it after {t:.0f} s: {row['ratio']:.2f}x" if t else "never reaches it: below 1x"))
+        for what, suffix in (("probe", ""), ("fine-tune", "_finetune")):
+            if f"mae_final{suffix}_acc" not in row:
+                continue
+            t = row[f"d2v_time_to_mae_final{suffix}_s"]
+            print(f"seed {row['seed']}, {what}: MAE after {ns.budget / 60:.1f} min {row[f'mae_final{suffix}_acc']:.4f}; "
+                  "data2vec 2.0 " + (f"reaches it after {t:.0f} s: {row['finetune_ratio' if suffix else 'ratio']:.2f}x"
+                                     if t else "never reaches it: below 1x"))
     report = {"command": "python benchmarks/vs_mae.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
               "machine": {"cpu": cpu_name(), "threads": ns.threads, "device": "cpu"}, "torch": torch.__version__,
               "mae_recipe": MAE_RECIPE | {"decoder_dim": ns.mae_decoder_dim, "decoder_depth": ns.mae_decoder_depth},
               "embed_dim": ns.embed_dim, "encoder": encoder(ns.embed_dim), "probe_train": ns.probe_train, "probe_split": ns.probe_split,
+              "finetune": FINETUNE_RECIPE | {"steps": ns.finetune_steps, "minutes": ns.finetune_minutes},
               "wall_s": time.perf_counter() - t0, "summary": summary, "runs": runs}
     if prober is not None:
         report["raw_pixel_probe"] = raw_pixel_probe(prober)

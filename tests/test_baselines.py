@@ -266,10 +266,13 @@ def test_vs_mae_benchmark_runs_d2v_on_its_time_grid(tmp_path):
     out = tmp_path / "vs.json"
     _run([str(PROJECT_ROOT / "benchmarks/vs_mae.py"), "--only", "d2v", "--root", str(_vs_mae_shards(tmp_path)),
           "--budget", "1", "--probe-minutes", "0.005", "--probe-train", "10", "--threads", "1", "--embed-dim", "64",
-          "--d2v", "train.batch_size=2", "--out", str(out)])
+          "--d2v", "train.batch_size=2", "--finetune-minutes", "0", "--finetune-steps", "2", "--out", str(out)])
     rep = json.loads(out.read_text())
     assert rep["embed_dim"] == 64 and rep["encoder"][0] == "model.embed_dim=64"
     (run,) = rep["runs"]
+    # the step-0 encoder (the only one within half a probe gap of minute 0) was scored by the short fine-tune
+    assert [i for i, q in enumerate(run["points"]) if "finetune_acc" in q] == [0]
+    assert 0 <= run["points"][0]["finetune_acc"] <= 1 and rep["finetune"]["steps"] == 2
     assert run["objective"].startswith("data2vec2") and run["overrides"] == ["train.batch_size=2"]
     secs = [q["train_s"] for q in run["points"]]
     assert secs[0] < 0.05 and secs == sorted(secs) and len(secs) >= 3 and secs[-1] >= 1.0  # step 0: before training
@@ -293,6 +296,50 @@ def test_vs_mae_summary_ratio_is_the_mae_budget_over_the_time_d2v_needs():
     s = summarise(runs, 720.0)
     assert [r["ratio"] for r in s["per_seed"]] == [4.0, None]  # seed 2 never reaches MAE's 0.86
     assert s["median_ratio"] == 2.0 and s["ratio_range"] == [0.0, 4.0] and s["median_mae_final_acc"] == 0.855
+
+
+def test_vs_mae_fine_tune_ratio_and_checkpoint_choice():
+    sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
+    from vs_mae import finetune_points, summarise
+
+    pts = [{"train_s": s} for s in (0.0, 91.0, 180.4, 272.0, 360.2, 720.0)]
+    # the nearest probe point to each minute, when within half a 90 s gap; 2 min (120 s) is 29 s from 91 s
+    assert finetune_points(pts, [0, 1.5, 3, 12], 90.0) == [0, 1, 2, 5]
+    assert finetune_points(pts, [0.5, 2.5], 90.0) == [0, 2]  # 30 s from 0 s; 150 s is 30.4 s from 180.4 s
+    assert finetune_points(pts, [9], 90.0) == []  # 540 s: no point within 46 s
+
+    def run(obj, pts):
+        return {"objective": obj, "seed": 1, "train_seconds": 720.0, "final_acc": pts[-1][1],
+                "points": [{"train_s": s, "probe_acc": a} | ({"finetune_acc": f} if f is not None else {})
+                           for s, a, f in pts]}
+
+    s = summarise([run("mae (facebookresearch/mae)", [(0, 0.7, 0.6), (360, 0.8, None), (720, 0.85, 0.88)]),
+                   run("data2vec2 (d2v pretrain)", [(0, 0.7, 0.6), (90, 0.86, 0.87), (180, 0.87, 0.885), (720, 0.9, 0.9)])],
+                  720.0)
+    (row,) = s["per_seed"]
+    assert row["ratio"] == 8.0 and row["finetune_ratio"] == 4.0  # the probe reaches 0.85 at 90 s, the fine-tune 0.88 at 180 s
+    assert s["median_finetune_ratio"] == 4.0 and s["median_mae_final_finetune_acc"] == 0.88
+
+
+def test_short_finetune_learns_a_task_the_frozen_encoder_cannot_solve():
+    """The benchmark's short fine-tune trains the encoder too: two classes that differ only in the sign
+    of a product of inputs (XOR) are not linearly separable from a random encoder's features."""
+    sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
+    from vs_mae import short_finetune
+
+    from d2v.data.downstream import LabelledSplit
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 2, generator=g)
+    y = (x[:, 0] * x[:, 1] > 0).long()
+    train = LabelledSplit("image", "train", x[:1536], y[:1536], [])
+    test = LabelledSplit("image", "test", x[1536:], y[1536:], [])
+    accs = {}
+    for steps in (0, 300):
+        torch.manual_seed(1)
+        enc = torch.nn.Sequential(torch.nn.Linear(2, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
+        accs[steps] = short_finetune(enc, lambda m, v: m(v), 16, train, test, steps, seed=0)
+    assert accs[0] < 0.7 < 0.9 < accs[300]
 
 
 def test_vs_mae_runs_the_real_mae_code_when_a_checkout_is_given(tmp_path):

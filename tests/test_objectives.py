@@ -141,7 +141,8 @@ def test_the_probe_keeps_the_frozen_speech_cnn_output_only_while_its_weights_sta
     cfg = tiny_shards(tmp_path, shard_root, "train.probe_every=1", "train.probe_train=10", "train.probe_val=10")
     assert cfg.model.speech.local_grad_mult == 0.0  # the tiny model's CNN is frozen in pretraining
     probe = OnlineProbe(tiny_shards(tmp_path, shard_root, "train.modalities=[image]", "train.probe_every=1",
-                                    "train.probe_train=10", "train.probe_val=10"), torch.device("cpu"), batch_size=4)
+                                    "train.probe_train=10", "train.probe_val=10"), torch.device("cpu"), batch_size=4,
+                         local_batch_size=4)
     train = load_task_data(cfg, "speech", "train", 10)  # one class only in these shards: no probe fit here
     model = Data2Vec2(cfg.model).eval()
     enc = model.encoder("speech")
@@ -160,6 +161,11 @@ def test_the_probe_keeps_the_frozen_speech_cnn_output_only_while_its_weights_sta
         next(enc.local_encoder.parameters()).add_(0.05)  # the weights moved: the kept output is stale
     moved = probe.pooled(model, "speech", train)
     assert len(calls) == 3 * batches and not np.allclose(first, moved)
+    # the CNN in chunks of its own size (cache-sized on a CPU), the transformer in batches of 4: the same features
+    probe.local_batch_size, probe._local = 3, {}
+    chunked = probe.pooled(model, "speech", train)
+    assert len(calls) == 3 * batches + -(-len(train) // 3)
+    np.testing.assert_allclose(chunked, moved, rtol=1e-5, atol=1e-6)
 
 
 def test_probe_of_a_modality_without_labels_is_a_clear_error(tmp_path, shard_root):  # noqa: F811

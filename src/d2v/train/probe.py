@@ -13,6 +13,11 @@ trains exactly as one without.
 A local encoder that pretraining keeps frozen (``local_grad_mult: 0``, the speech CNN of the tiny
 model) gives the same output at every probe: it is run once per probe set and kept, and reused only
 while its weights equal the snapshot taken then. The speech CNN was most of each probe's time.
+
+Batch sizes on a CPU are cache-sized, not throughput-sized: each activation of the speech CNN's
+first layers on 128 clips of 12,800 samples is 84 MB, out of cache before the next layer reads it,
+so it runs 8 clips at a time (3.5x faster than 128 on the 2-core VM, BENCHMARKS.md "Online probe"),
+and the transformer 32 rows at a time. On a GPU both are 128.
 """
 
 from __future__ import annotations
@@ -69,9 +74,13 @@ class OnlineProbe:
     """``probe(backbone) -> {modality: accuracy}``; ``seconds`` accumulates the time spent probing,
     ``load_seconds`` the one-off decoding of the probe sets."""
 
-    def __init__(self, cfg: Config, device: torch.device, batch_size: int = 128):
+    def __init__(self, cfg: Config, device: torch.device, batch_size: int | None = None,
+                 local_batch_size: int | None = None):
         t = cfg.train
-        self.cfg, self.device, self.batch_size = cfg, device, batch_size
+        cpu = device.type == "cpu"
+        self.cfg, self.device = cfg, device
+        self.batch_size = batch_size or (32 if cpu else 128)
+        self.local_batch_size = local_batch_size or (8 if cpu else 128)
         self.splits: dict[str, tuple[LabelledSplit, LabelledSplit]] = {}
         # (modality, id of the split) -> (the local encoder's weights, its output per batch)
         self._local: dict[tuple[str, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
@@ -142,7 +151,9 @@ class OnlineProbe:
         if kept is not None and len(kept[0]) == len(weights) and all(
                 a.device == b.device and torch.equal(a, b) for a, b in zip(kept[0], weights)):
             return kept[1]
-        outs = [enc.local_encoder(data.source[i : i + self.batch_size].to(self.device))
-                for i in range(0, len(data), self.batch_size)]
+        # run in local_batch_size chunks (cache-sized on a CPU), kept in the transformer's batches
+        out = torch.cat([enc.local_encoder(data.source[i : i + self.local_batch_size].to(self.device))
+                         for i in range(0, len(data), self.local_batch_size)])
+        outs = list(out.split(self.batch_size))
         self._local[key] = ([w.clone() for w in weights], outs)
         return outs
