@@ -255,6 +255,10 @@ def run_mae(mae, lr_sched, prober: Prober, images: torch.Tensor, ns, seed: int, 
             "final_acc": points[-1]["probe_acc"]}
 
 
+class StopEarly(Exception):
+    """--stop-minutes: the data2vec 2.0 run ends at a probe once that much training has passed."""
+
+
 def run_d2v(ns, seed: int, out_dir: Path, data=None) -> dict:
     cfg = load_config(["experiment=tiny", *IMAGE_ONLY, *encoder(ns.embed_dim), *ns.d2v, f"seed={seed}", "data.source=shards",
                        f"data.root={ns.root}", f"train.max_minutes={ns.budget / 60}",
@@ -264,19 +268,36 @@ def run_d2v(ns, seed: int, out_dir: Path, data=None) -> dict:
                        f"train.probe_split={ns.probe_split}",
                        "train.track=false", f"train.threads={ns.threads}", f"train.out_dir={out_dir}"])
     snapshots: list[dict] = []
+    seen: list[tuple[float, float]] = []  # (training seconds, accuracy) per probe
 
-    class SnapshotProbe(OnlineProbe):  # keeps the student at each probe, for the short fine-tunes
+    class SnapshotProbe(OnlineProbe):
+        """Keeps the student at each probe (for the short fine-tunes); ends the run after --stop-minutes."""
+
         def __call__(self, backbone):
+            now = time.perf_counter()
+            if not seen:  # the step-0 probe comes as pretraining's clock starts
+                self.started = now
+            train_s = now - self.started - self.seconds  # pretraining's clock: probe time excluded
             snapshots.append(copy.deepcopy(backbone.state_dict()))
-            return super().__call__(backbone)
+            self.seconds += time.perf_counter() - now  # the copy is probe time, not training time
+            accs = super().__call__(backbone)
+            seen.append((train_s, accs["image"]))
+            if ns.stop_minutes and train_s >= ns.stop_minutes * 60:
+                raise StopEarly
+            return accs
 
     import d2v.train.pretrain as pretrain_module
     pretrain_module.OnlineProbe = SnapshotProbe
     try:
         res = pretrain(cfg, progress=False)
+    except StopEarly:
+        res = None
     finally:
         pretrain_module.OnlineProbe = OnlineProbe
-    points = [{"train_s": p["train_seconds"], "step": p["step"], "probe_acc": p["accuracy"]} for p in res.probes]
+    if res is not None:
+        points = [{"train_s": p["train_seconds"], "step": p["step"], "probe_acc": p["accuracy"]} for p in res.probes]
+    else:  # stopped early: the probe's own records (no step count)
+        points = [{"train_s": round(t, 3), "step": None, "probe_acc": a} for t, a in seen]
     if data is not None:
         def build(state):
             model = Data2Vec2(cfg.model)
@@ -285,10 +306,11 @@ def run_d2v(ns, seed: int, out_dir: Path, data=None) -> dict:
 
         score_by_finetune(points, snapshots, build, lambda m, x: m.features(x, "image").x.mean(1),
                           cfg.model.embed_dim, data, ns, seed)
-    return {"objective": "data2vec2 (d2v pretrain)", "seed": seed, "steps": res.steps, "batch": cfg.train.batch_size,
-            "masks_per_sample": cfg.model.clone_batch, "images_per_s": res.samples_per_s,
-            "train_seconds": res.train_seconds, "points": points, "final_acc": points[-1]["probe_acc"],
-            "overrides": ns.d2v}
+    stopped = f", the first {ns.stop_minutes:g} of {ns.budget / 60:g} min" if res is None else ""
+    return {"objective": f"data2vec2 (d2v pretrain{stopped})", "seed": seed, "steps": res and res.steps,
+            "batch": cfg.train.batch_size, "masks_per_sample": cfg.model.clone_batch,
+            "images_per_s": res and res.samples_per_s, "train_seconds": res.train_seconds if res else points[-1]["train_s"],
+            "points": points, "final_acc": points[-1]["probe_acc"], "overrides": ns.d2v}
 
 
 def summarise(runs: list[dict], budget: float) -> dict:
@@ -392,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
                         "fine-tune too (none: probe only)")
     p.add_argument("--finetune-steps", type=int, default=FINETUNE_RECIPE["steps"],
                    help=f"steps of the short fine-tune (batch {FINETUNE_RECIPE['batch']})")
+    p.add_argument("--stop-minutes", type=float, default=None,
+                   help="end the data2vec 2.0 run at the first probe after this many training minutes, its "
+                        "schedule still spread over --budget (a fine probe grid over the start, for less cost)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("reports/bench/vs_mae.json"), help="the JSON; the plot beside it (.png)")
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
@@ -440,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = (run_mae(mae, lr_sched, prober, images, ns, seed, data) if side == "mae"
                      else run_d2v(ns, seed, Path(tmp) / f"d2v_{seed}", data))
                 runs.append(r)
-                print(f"{r['objective']:<28} seed {seed}: {r['steps']} steps, {r['images_per_s']:.0f} images/s, "
+                print(f"{r['objective']:<28} seed {seed}: {r['steps']} steps, {r['images_per_s'] or 0:.0f} images/s, "
                       + " ".join(f"{q['train_s'] / 60:.1f}m:{q['probe_acc']:.4f}" for q in r["points"]), flush=True)
     summary = summarise(runs, ns.budget)
     for row in summary["per_seed"]:

@@ -281,6 +281,19 @@ def test_vs_mae_benchmark_runs_d2v_on_its_time_grid(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
+def test_vs_mae_stop_minutes_ends_the_d2v_run_early_on_its_budget_schedule(tmp_path):
+    """--stop-minutes: probes every 0.3 s, the run ends at the first probe after 0.6 s of a 30 s budget."""
+    out = tmp_path / "early.json"
+    _run([str(PROJECT_ROOT / "benchmarks/vs_mae.py"), "--only", "d2v", "--root", str(_vs_mae_shards(tmp_path)),
+          "--budget", "30", "--stop-minutes", "0.01", "--probe-minutes", "0.005", "--probe-train", "10",
+          "--threads", "1", "--embed-dim", "64", "--d2v", "train.batch_size=2", "--finetune-minutes", "--out", str(out)])
+    (run,) = json.loads(out.read_text())["runs"]
+    secs = [q["train_s"] for q in run["points"]]
+    assert "first 0.01 of 0.5 min" in run["objective"] and run["steps"] is None
+    assert secs[0] < 0.05 and secs == sorted(secs) and secs[-2] < 0.6 <= secs[-1] < 5  # stopped, far short of 30 s
+    assert run["train_seconds"] == secs[-1] and not any("finetune_acc" in q for q in run["points"])
+
+
 def test_vs_mae_summary_ratio_is_the_mae_budget_over_the_time_d2v_needs():
     sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
     from vs_mae import summarise
