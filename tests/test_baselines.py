@@ -332,6 +332,13 @@ def test_vs_mae_fine_tune_ratio_and_checkpoint_choice():
     (row,) = s["per_seed"]
     assert row["ratio"] == 8.0 and row["finetune_ratio"] == 4.0  # the probe reaches 0.85 at 90 s, the fine-tune 0.88 at 180 s
     assert s["median_finetune_ratio"] == 4.0 and s["median_mae_final_finetune_acc"] == 0.88
+    # a d2v run stopped after 180 s (--stop-minutes) that has not reached MAE's fine-tuned 0.88 yet: a bound, no median
+    stopped = run("data2vec2 (d2v pretrain, the first 3 of 12 min)", [(0, 0.7, 0.6), (90, 0.86, 0.87), (180, 0.87, 0.875)])
+    stopped["train_seconds"] = 180.0
+    s = summarise([run("mae (facebookresearch/mae)", [(0, 0.7, 0.6), (720, 0.85, 0.88)]), stopped], 720.0)
+    (row,) = s["per_seed"]
+    assert row["ratio"] == 8.0 and row["finetune_ratio"] is None and row["finetune_ratio_at_most"] == 4.0
+    assert s["median_ratio"] == 8.0 and "median_finetune_ratio" not in s
 
 
 def test_short_finetune_learns_a_task_the_frozen_encoder_cannot_solve():
