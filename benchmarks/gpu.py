@@ -25,7 +25,9 @@ Per config and mode (``results[].runs.eager|compiled``):
   ``--peak-tflops`` overrides; an unknown device gives ``mfu: null`` and a note);
 * ``peak_mem_gb``: ``torch.cuda.max_memory_allocated()`` over the warm-up and timed steps.
 
-Per config: the SDPA backend that ran (the profiler's aten op of every attention call of one step)
+Per config (``kernels``): one step under the profiler, its ops by self device time and the device
+busy fraction (kernel time / step wall time: well under 1 means the host holds the step back).
+The SDPA backend that ran (the profiler's aten op of every attention call of one step)
 and, for each distinct attention call of the model (shapes, dtype, bias), which of flash /
 efficient / cudnn / math accept it under ``torch.nn.attention.sdpa_kernel([backend])``; the loss in
 bf16 and in fp32 on one fixed batch (eval mode, so no dropout: same weights, mask and mask noise;
@@ -373,6 +375,50 @@ def _try_backend(be, sdpa_kernel, qs, ks, dtype, bias, dtypes, p, grad, device) 
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def kernel_report(w: Workload, top: int = 15) -> dict:
+    """Where one step's device time goes: the profiler's ops by self device time (CUDA, or CPU on
+    the smoke run), and how busy the device is (kernel time over the step's wall time: well under
+    1 means the step waits on the host, i.e. launch-bound)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if w.device.type == "cuda" else [])
+    sync(w.device)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        w.step()
+        sync(w.device)
+    wall = time.perf_counter() - t0
+
+    def dev_self(e) -> float:  # microseconds; the attribute was renamed across torch releases
+        if w.device.type != "cuda":
+            return float(e.self_cpu_time_total)
+        for a in ("self_device_time_total", "self_cuda_time_total"):
+            if hasattr(e, a):
+                return float(getattr(e, a))
+        return 0.0
+
+    evs = [e for e in prof.key_averages() if dev_self(e) > 0]
+    total = sum(dev_self(e) for e in evs)
+    if w.device.type == "cuda":  # the kernels themselves (a CPU op's self device time repeats its kernels')
+        from torch.autograd import DeviceType
+
+        kernels = [e for e in evs if getattr(e, "device_type", None) == DeviceType.CUDA]
+        total = sum(dev_self(e) for e in kernels)
+    else:
+        kernels = evs
+    busy = sum(dev_self(e) for e in kernels) / 1e6
+    rows = sorted(kernels, key=dev_self, reverse=True)[:top]
+    return {
+        "profiled_step_wall_s": wall,
+        "device_busy_s": busy,
+        "device_busy_fraction": busy / wall if wall > 0 else None,
+        "note": "one step under torch.profiler (its own overhead included in the wall time); self device time "
+                "of each kernel (CUDA) or op (CPU smoke run)",
+        "top": [{"name": e.key[:120], "calls": int(e.count), "self_ms": dev_self(e) / 1e3,
+                 "share": dev_self(e) / total if total else None} for e in rows],
+    }
 
 
 def count_host_syncs(w: Workload, steps: int) -> dict:
@@ -791,6 +837,12 @@ def bench_eager(spec: dict, ns, device, bf16: bool, peak, share: float, t_cfg: f
         raise
     except Exception as e:
         r["sdpa"] = {"error": _err(e)}
+    try:
+        r["kernels"] = kernel_report(w)
+    except BudgetExceeded:
+        raise
+    except Exception as e:
+        r["kernels"] = {"error": _err(e)}
     if device.type == "cuda":
         try:
             r["host_syncs"] = count_host_syncs(w, ns.sync_steps)
@@ -892,6 +944,10 @@ def print_table(report: dict) -> None:
         lp = r.get("loss_bf16_vs_fp32") or {}
         if "rel_diff" in lp:
             print(f"{'':<12} loss bf16 {lp['loss_bf16']:.5f} fp32 {lp['loss_fp32']:.5f} rel diff {lp['rel_diff']:.2e}")
+        kr = r.get("kernels") or {}
+        if kr.get("top"):
+            tops = ", ".join(f"{k['name'][:40]} {k['share']:.0%}" for k in kr["top"][:3] if k.get("share") is not None)
+            print(f"{'':<12} device busy {kr['device_busy_fraction']:.0%} of a profiled step; top: {tops}")
         for s in (r.get("host_syncs") or {}).get("sources", [])[:4]:
             print(f"{'':<12} sync x{s['count']} at {s['where']}")
     d = report.get("ddp") or {}
