@@ -661,6 +661,8 @@ def parse_args(argv):
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--compile-mode", default="default")
     p.add_argument("--no-ddp", action="store_true")
+    p.add_argument("--no-cudnn-benchmark", action="store_true",
+                   help="leave torch.backends.cudnn.benchmark off (training turns it on: d2v.train.distributed)")
     p.add_argument("--smoke-ddp", action="store_true",
                    help="with --smoke: run the DDP step on 2 CPU processes (gloo) to check that code path")
     p.add_argument("--seed", type=int, default=0)
@@ -708,6 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         peak, peak_note = peak_tflops_for(gpu)
     bf16 = device.type == "cuda"
+    torch.backends.cudnn.benchmark = not ns.no_cudnn_benchmark  # as training sets it
     specs = config_list(ns)
     report: dict[str, Any] = {
         "command": "python benchmarks/gpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -718,6 +721,7 @@ def main(argv: list[str] | None = None) -> int:
                     "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None},
         "torch": torch.__version__,
         "precision": "bf16 autocast" if bf16 else "fp32",
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "peak_tflops_bf16": peak, "peak_note": peak_note,
         "formulas": FORMULAS,
         "goal": {"text": GOAL, "mfu_target": GOAL_MFU, "measured_mfu": None, "met": None},

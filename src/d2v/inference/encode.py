@@ -242,6 +242,7 @@ class Encoder:
         else:
             src = torch.stack(list(sources))
             pad = None
+        enc.check_input(src)  # on the CPU, before the transfer (no device sync)
         src = src.to(self.device, non_blocking=True)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             f = self.model.features(src, modality, pad, layer)

@@ -55,7 +55,15 @@ def _student_param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class Data2Vec1Style(nn.Module):
+class _Baseline(nn.Module):
+    backbone: Data2Vec2
+
+    def encoder(self, modality: str):
+        """The backbone's modality encoder (the training loop checks a batch with it)."""
+        return self.backbone.encoder(modality)
+
+
+class Data2Vec1Style(_Baseline):
     """data2vec 1.0-style objective on the shared backbone (see module docstring)."""
 
     def __init__(self, cfg: ModelConfig):
@@ -125,7 +133,7 @@ def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
     return torch.einsum("nchpwq->nhwpqc", x).reshape(B, h * w, p * p * C)
 
 
-class MAE(nn.Module):
+class MAE(_Baseline):
     """MAE-style objective on the shared image encoder (see module docstring)."""
 
     def __init__(self, cfg: ModelConfig, decoder_dim: int = 64, decoder_depth: int = 2, decoder_heads: int = 4,
@@ -193,7 +201,7 @@ class MAE(nn.Module):
         return BaselineOutput(loss, pred, target, mask)
 
 
-class BERTStyle(nn.Module):
+class BERTStyle(_Baseline):
     """RoBERTa-style masked-token prediction on the shared text encoder (see module docstring).
 
     Mask id: the project's sentencepiece vocabulary (``d2v.tokens``) has only ``<s>`` = 0,

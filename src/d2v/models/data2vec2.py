@@ -164,6 +164,9 @@ class Data2Vec2(nn.Module):
         # resumed run does not update twice.
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
         self._ema: EMAUpdater | None = None
+        # ``ema_updates`` mirrored on the host: reading the buffer every step would sync a GPU
+        # with the host (None: read it once at the next update, after construction or a load).
+        self._ema_count: int | None = None
 
     # ------------------------------------------------------------------ teacher
     def _make_teacher(self) -> nn.Module:
@@ -198,6 +201,10 @@ class Data2Vec2(nn.Module):
         state.pop("_compiled_core", None)  # a compiled function: neither copied nor pickled
         return state
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._ema_count = None  # ema_updates may change: re-read it at the next update
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _apply(self, fn, *args, **kwargs):  # .to()/.cuda() may swap tensors: re-pair lazily
         self._ema = None
         return super()._apply(fn, *args, **kwargs)
@@ -214,13 +221,18 @@ class Data2Vec2(nn.Module):
         a resume) and once the decay reaches 1.0 (frozen teacher). Returns the decay used.
         """
         decay = self.ema_decay(num_updates)
-        if num_updates <= int(self.ema_updates) or decay >= 1.0:
-            self.ema_updates.fill_(max(num_updates, int(self.ema_updates)))
+        done = self._ema_count
+        if done is None:
+            done = self._ema_count = int(self.ema_updates)
+        if num_updates <= done or decay >= 1.0:
+            self._ema_count = max(num_updates, done)
+            self.ema_updates.fill_(self._ema_count)
             return decay
         if self._ema is None:
             self._ema = EMAUpdater(self.teacher, self)
         self._ema.step(decay)
         self.ema_updates.fill_(num_updates)
+        self._ema_count = num_updates
         return decay
 
     # ------------------------------------------------------------------ helpers
@@ -471,7 +483,7 @@ class Data2Vec2(nn.Module):
             reg = reg * weight
             sample_size = weight.sum()  # a batch of pure padding gives 0: the loss is then 0
         else:
-            sample_size = torch.tensor(float(pred.shape[0]), device=pred.device)
+            sample_size = pred.new_full((), float(pred.shape[0]), dtype=torch.float32)  # a fill, not a host copy
         terms = {"regression": reg.sum()}
         loss_sum = terms["regression"]
         if self.cfg.cls_loss > 0 and e > 0:

@@ -402,6 +402,10 @@ class TextEncoder(ModalityEncoder):
         self.decoder = Decoder1d(mcfg.decoder, cfg.embed_dim)
 
     def check_input(self, source: torch.Tensor) -> None:
+        """Shape and dtype always; the id range only for a batch on the CPU: on a GPU, reading
+        min/max back would stall the host every step, so the callers check the CPU batch before
+        the transfer (``d2v.train.pretrain.train_step``, ``finetune``, ``evaluate``,
+        ``d2v.inference.encode``)."""
         m: TextConfig = self.mcfg  # type: ignore[assignment]
         if source.ndim != 2:
             raise InputError(f"text batch must be (B, T) token ids, got shape {tuple(source.shape)}")
@@ -409,7 +413,7 @@ class TextEncoder(ModalityEncoder):
             raise InputError(f"text batch must hold integer token ids, got dtype {source.dtype}")
         if source.shape[1] > m.max_source_positions:
             raise InputError(f"text length {source.shape[1]} exceeds max_source_positions={m.max_source_positions}")
-        if source.numel() and (int(source.min()) < 0 or int(source.max()) >= m.vocab_size):
+        if source.device.type == "cpu" and source.numel() and (int(source.min()) < 0 or int(source.max()) >= m.vocab_size):
             raise InputError(f"token ids must be in [0, {m.vocab_size}), got range [{int(source.min())}, {int(source.max())}]")
 
     def padding_from_source(self, source: torch.Tensor) -> torch.Tensor | None:

@@ -81,6 +81,11 @@ def resolve_device(name: str, local_rank: int = 0, distributed: bool = False) ->
                 raise ConfigError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) "
                                   f"are visible: start at most that many processes per node")
             dev = torch.device("cuda", local_rank)
+        # Training shapes are static (fixed crops and blocks, the same mask count in every row):
+        # let cuDNN time its algorithms once per shape and keep the fastest (MAE's main_pretrain
+        # does the same). Without it, the decoders' grouped convolutions ran through layout
+        # transforms that took 26% of an image_base step on an H200 (BENCHMARKS.md, "GPU").
+        torch.backends.cudnn.benchmark = True
     return dev
 
 

@@ -56,6 +56,7 @@ def extract(clf: Classifier, cfg: Config, task: str, split: str, max_n: int, inf
     bar = tqdm(desc=desc, disable=not progress, unit="sample", leave=False, dynamic_ncols=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg.finetune.precision, device)):
         for i, b in eval_batches(cfg.data.root, inputs, split, tc.eval_batch_size, max_n, info.rank, info.world_size):
+            clf.encoder.check_input(b.source)  # on the CPU, before the transfer (no device sync)
             f = clf.features(b.source.to(device), b.lengths).float().cpu().numpy()
             if n + len(f) > len(feats):
                 grown = np.empty((max(2 * len(feats), n + len(f), 1024), f.shape[1]), np.float32)

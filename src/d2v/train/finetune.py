@@ -199,6 +199,7 @@ def train_classifier(clf: Classifier, cfg: Config, task: str, info: DistInfo, *,
                 next(it)
         batch = next(it)
         clf.check_data(batch)
+        clf.encoder.check_input(batch.source)  # on the CPU: a range check on the GPU would stall the host
         lr = (tri_stage_lr(step, tc.lr, tc.steps, tuple(tc.phase_ratio), tc.min_lr) if tc.schedule == "tri_stage"
               else lr_at(step, tc.lr, tc.warmup_steps, tc.steps, tc.min_lr))
         clf.freeze_encoder = step < tc.freeze_updates

@@ -95,7 +95,9 @@ def train_step(cfg: Config, info: DistInfo, model: torch.nn.Module, net: torch.n
     losses = []
     for micro in range(t.grad_accum):
         batch = data.next_batch(modality, step, micro)
-        # Mask and padding stay on the CPU: the model checks them there (no device sync).
+        # Mask and padding stay on the CPU: the model checks them there (no device sync); the
+        # source's values are checked here, before the transfer, for the same reason.
+        model.encoder(modality).check_input(batch.source)
         src = batch.source.to(device, non_blocking=True)
         last = micro == t.grad_accum - 1
         sync = contextlib.nullcontext() if last or not info.distributed else net.no_sync()
@@ -133,7 +135,7 @@ def _variances(out) -> list[torch.Tensor]:
     (NaN where the target is not a float, BERT's token ids)."""
     if getattr(out, "target_var", None) is not None:
         return [out.target_var.float(), out.pred_var.float()]
-    nan = torch.tensor(float("nan"), device=out.loss.device)
+    nan = out.loss.detach().new_full((), float("nan"))
     if not out.target.is_floating_point():
         return [nan, nan]
     return [compute_var(out.target.detach()), compute_var(out.pred.detach())]
