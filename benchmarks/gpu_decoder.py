@@ -13,7 +13,8 @@ clones; speech 32 x 781 x 768; text 128 x 512 x 768) in these variants:
 * ``as_is+bench``: the same with ``torch.backends.cudnn.benchmark = True`` (what training sets);
 * ``nchw+bench``: every activation made contiguous NCHW / (N, C, T) before each convolution;
 * ``cl_weights+bench`` (2d): weights and activations channels-last;
-* ``unfold`` (2d): the grouped convolution as ``F.unfold`` + one batched matmul per group, no cuDNN.
+* ``unfold`` (2d): the grouped convolution as ``F.unfold`` + one batched matmul per group, no cuDNN;
+* ``im2col_nhwc`` (2d): the same from the channels-last tensor (the k*k shifted views stacked).
 
 Each: the median of ``--reps`` CUDA-event-timed steps after ``--warmup``; the output's relative
 difference to ``as_is`` (the same function, so bf16 rounding only). Prints a table, writes one JSON.
@@ -58,6 +59,27 @@ class UnfoldConv2d(nn.Module):
         wt = c.weight.view(g, c.out_channels // g, -1).to(cols.dtype)
         out = torch.einsum("ngkl,gok->ngol", cols, wt).reshape(n, c.out_channels, h, w)
         return out + c.bias.to(out.dtype).view(1, -1, 1, 1)
+
+
+class Im2colConv2d(nn.Module):
+    """A grouped 2-D convolution (odd kernel, stride 1, same padding) as channels-last im2col (the
+    k*k shifted views stacked) and one batched matmul over the groups: no cuDNN, no NCHW."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        n, ch, h, w = x.shape
+        g, k = c.groups, c.kernel_size[0]
+        cg, og, p = ch // g, c.out_channels // g, k // 2
+        xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, p, p, p, p))  # (N, H+2p, W+2p, C)
+        cols = torch.stack([xp[:, i:i + h, j:j + w] for i in range(k) for j in range(k)], dim=3)  # (N,H,W,kk,C)
+        cols = cols.view(n * h * w, k * k, g, cg).permute(2, 0, 1, 3).reshape(g, n * h * w, k * k * cg)
+        wt = c.weight.view(g, og, cg, k, k).permute(0, 3, 4, 2, 1).reshape(g, k * k * cg, og).to(cols.dtype)
+        out = torch.bmm(cols, wt).permute(1, 0, 2).reshape(n, h, w, g * og) + c.bias.to(cols.dtype)
+        return out.permute(0, 3, 1, 2)
 
 
 def run_blocks(dec, h: torch.Tensor, fmt) -> torch.Tensor:
@@ -134,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
             for blk in uf.blocks:
                 blk[0] = UnfoldConv2d(blk[0])
             variants.append(("unfold", uf, "contiguous", False))
+            ic = copy.deepcopy(dec)
+            for blk in ic.blocks:
+                blk[0] = Im2colConv2d(blk[0])
+            variants.append(("im2col_nhwc", ic, None, False))
         ref = None
         for vname, d, fmt, bench in variants:
             try:

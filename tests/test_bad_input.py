@@ -74,6 +74,18 @@ def test_bad_text_batch(model, source, match):
         model(source, "text")
 
 
+def test_text_id_range_is_checked_on_the_cpu_only(model):
+    """On an accelerator the id range is not read back (a host sync every step): the callers check
+    the CPU batch before the transfer. A meta tensor, whose values cannot be read, stands in for a
+    GPU batch; the shape checks still apply to it."""
+    enc = model.encoder("text")
+    enc.check_input(torch.full((2, 32), 100, device="meta"))  # no value read: no error
+    with pytest.raises(InputError, match="exceeds max_source_positions"):
+        enc.check_input(torch.zeros(2, 65, dtype=torch.long, device="meta"))
+    with pytest.raises(InputError, match=r"token ids must be in \[0, 100\)"):
+        enc.check_input(torch.full((2, 32), 100))
+
+
 def test_empty_batch(model):
     with pytest.raises(InputError, match="empty batch"):
         model(torch.randn(0, 1, 28, 28), "image")

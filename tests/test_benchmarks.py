@@ -131,6 +131,46 @@ def test_gpu_benchmark_without_cuda_says_so():
     assert len(lines) == 1 and "needs a CUDA device" in lines[0] and "--smoke" in lines[0]
 
 
+def test_gpu_decoder_variants_compute_the_decoder():
+    """Each variant that benchmarks/gpu_decoder.py times computes the model's decoder (forward and
+    input gradient), so its timings compare the same function; without CUDA it exits 2 and says so."""
+    import copy
+
+    import torch
+
+    sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
+    from gpu_decoder import Im2colConv2d, UnfoldConv2d, forward
+
+    from d2v.config import load_config
+    from d2v.models.decoders import Decoder1d, Decoder2d
+
+    mc = load_config(["experiment=image_base"]).model
+    torch.manual_seed(0)
+    dec = Decoder2d(mc.image.decoder, mc.embed_dim, 14)
+    x = torch.randn(2, 196, mc.embed_dim, requires_grad=True)
+    ref = dec(x)
+    (gref,) = torch.autograd.grad(ref.square().sum(), x)
+    for conv_cls, fmt in [(None, None), (None, "contiguous"), (None, torch.channels_last),
+                          (UnfoldConv2d, "contiguous"), (Im2colConv2d, None)]:
+        d = copy.deepcopy(dec)
+        if conv_cls is not None:
+            for blk in d.blocks:
+                blk[0] = conv_cls(blk[0])
+        out = forward(d, x, fmt)
+        (g,) = torch.autograd.grad(out.square().sum(), x)
+        assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4), (conv_cls, fmt)
+        assert torch.allclose(g, gref, atol=1e-4, rtol=1e-3), (conv_cls, fmt)
+    mc = load_config(["experiment=speech_base"]).model
+    d1 = Decoder1d(mc.speech.decoder, mc.embed_dim).eval()
+    x = torch.randn(2, 50, mc.embed_dim)
+    assert torch.allclose(forward(d1, x, "contiguous"), d1(x), atol=1e-5)
+
+    r = subprocess.run([sys.executable, str(PROJECT_ROOT / "benchmarks/gpu_decoder.py"), "--out", "/dev/null"],
+                       capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT,
+                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 2 and "needs a CUDA device" in r.stderr
+
+
 def test_downstream_memory_benchmark_writes_json(tmp_path):
     """Two tiny sizes of synthetic image shards, `d2v finetune` and `d2v evaluate` on each (2 steps):
     every size's peak RSS, the per-stage max/min ratios and the printed table (numbers untested)."""

@@ -445,6 +445,30 @@ def test_ema_update_formula_and_copies(tiny_cfg):
     assert not torch.equal(model.teacher.blocks[0].attn.qkv.weight, t1["blocks.0.attn.qkv.weight"])
 
 
+def test_ema_count_is_read_from_the_device_once(tiny_cfg):
+    """update_teacher keeps the update count on the host: after the first call it never reads the
+    ``ema_updates`` buffer (on a GPU each read stalls the host; here a meta tensor, which cannot be
+    read, stands in), and a loaded state dict's count is honoured (the mirror is re-read)."""
+    model = Data2Vec2(tiny_cfg("image", ema_decay=0.9, ema_end_decay=0.99, ema_anneal_end_step=100))
+    perturb_([p for n, p in model.named_parameters() if not n.startswith("teacher.")], 0.1)
+    model.update_teacher(1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.ema_updates = torch.zeros((), dtype=torch.long, device="meta")  # int() of it would raise
+    w = model.teacher.blocks[0].mlp.fc1.weight.clone()
+    model.update_teacher(2)
+    model.update_teacher(3)
+    assert not torch.equal(model.teacher.blocks[0].mlp.fc1.weight, w)
+
+    model.ema_updates = torch.zeros((), dtype=torch.long)  # a readable buffer again
+    state["ema_updates"] = torch.tensor(7)  # a checkpoint saved after update 7
+    model.load_state_dict(state)
+    w = model.teacher.blocks[0].mlp.fc1.weight.clone()
+    model.update_teacher(5)  # not past the loaded count: skipped
+    assert torch.equal(model.teacher.blocks[0].mlp.fc1.weight, w)
+    model.update_teacher(8)
+    assert not torch.equal(model.teacher.blocks[0].mlp.fc1.weight, w) and int(model.ema_updates) == 8
+
+
 def test_ema_frozen_at_end_decay_one(tiny_cfg):
     model = Data2Vec2(tiny_cfg("image", ema_decay=0.9, ema_end_decay=1.0, ema_anneal_end_step=10))
     perturb_([p for n, p in model.named_parameters() if not n.startswith("teacher.")], 0.1)
