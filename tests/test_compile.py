@@ -198,7 +198,7 @@ def test_compile_flag_in_pretraining_falls_back_with_one_warning(tmp_path, monke
     monkeypatch.setattr(dc.CompiledCore, "__init__", init)
     cfg = load_config(["experiment=tiny", "data=sample", "data.num_samples=16", f"train.out_dir={tmp_path}",
                        "train.batch_size=2", "train.max_steps=3", "train.track=false", "train.compile=true"])
-    assert cfg.train.compile is True
+    assert cfg.train.compile == "true"
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         res = pretrain(cfg, progress=False)
@@ -207,8 +207,23 @@ def test_compile_flag_in_pretraining_falls_back_with_one_warning(tmp_path, monke
     assert all(v == v for v in res.last_loss.values())  # finite, trained
 
 
+def test_compile_setting_auto_means_cuda_only():
+    """The base configs say ``auto`` (compiled on CUDA, eager on a CPU), the toy ``false``; YAML
+    booleans and any case are accepted, anything else is refused with the key's name."""
+    from d2v.models.config import ConfigError
+    from d2v.train.compile import compile_enabled
+
+    assert load_config(["experiment=image_base"]).train.compile == "auto"
+    assert load_config(["experiment=tiny", "train.compile=TRUE"]).train.compile == "true"
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)  # a device object needs no GPU
+    assert [compile_enabled(s, cpu) for s in ("auto", "true", "false")] == [False, True, False]
+    assert [compile_enabled(s, cuda) for s in ("auto", "true", "false")] == [True, True, False]
+    with pytest.raises(ConfigError, match="train.compile: auto.true.false"):
+        load_config(["train.compile=sometimes"])
+
+
 def test_disabled_by_default_and_not_in_copies():
-    assert load_config(["experiment=tiny"]).train.compile is False
+    assert load_config(["experiment=tiny"]).train.compile == "false"
     model = Data2Vec2(build_cfg("image"))
     assert compile_model(model, False) is model and model._compiled_core is None
     compile_model(model, True, backend="eager")

@@ -114,6 +114,12 @@ class CompiledCore:
         return self._eager(model, *args)
 
 
+def compile_enabled(setting: str, device: torch.device) -> bool:
+    """``train.compile``: ``true``, ``false``, or ``auto`` = on CUDA only (on an H200 the compiled
+    base steps ran 1.34-1.49x faster for 45-86 s of compiling; on the 2-core CPU it did not pay)."""
+    return setting == "true" or (setting == "auto" and device.type == "cuda")
+
+
 def compile_model(model: torch.nn.Module, enabled: bool, backend: Any = "inductor", mode: str | None = None,
                   fullgraph: bool = True) -> torch.nn.Module:
     """Make ``model`` (a ``Data2Vec2``) run its step compiled when ``enabled``; return ``model``.

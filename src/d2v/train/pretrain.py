@@ -188,9 +188,9 @@ def _pretrain(cfg: Config, info: DistInfo, resume, progress: bool, metrics_path,
             print(f"resumed from {path} at step {start}", flush=True)
             checkpoint.note_resume_differences(state, cfg, start, info.world_size)
     checkpoint.restore_rng(state, cfg, info)
-    from d2v.train.compile import compile_model  # train.compile: the step through torch.compile
+    from d2v.train.compile import compile_enabled, compile_model  # train.compile: the step through torch.compile
 
-    compile_model(model, t.compile)  # before DDP wraps it; eager, with one warning, if compiling fails
+    compile_model(model, compile_enabled(t.compile, device))  # before DDP wraps it; eager, with one warning, if it fails
     net = distributed.wrap_ddp(model, info)
     data = PretrainData(cfg, info.rank, info.world_size)
     probing = bool(t.probe_every or t.probe_every_minutes)
