@@ -215,7 +215,7 @@ def run_mae(mae, lr_sched, prober: Prober, images: torch.Tensor, ns, seed: int, 
     points, snapshots, steps, trained = [], [], 0, 0.0
     gap = ns.probe_minutes * 60
     points.append({"train_s": 0.0, "step": 0, "probe_acc": prober(features)})
-    snapshots.append(copy.deepcopy(model.state_dict()))
+    snapshots.append(copy.deepcopy(model.state_dict()) if ns.finetune_minutes else None)
     next_probe = gap
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(images), generator=gen)
@@ -239,7 +239,7 @@ def run_mae(mae, lr_sched, prober: Prober, images: torch.Tensor, ns, seed: int, 
         if trained >= next_probe or trained >= ns.budget:
             points.append({"train_s": round(trained, 1), "step": steps, "probe_acc": prober(features),
                            "loss": loss.item()})
-            snapshots.append(copy.deepcopy(model.state_dict()))
+            snapshots.append(copy.deepcopy(model.state_dict()) if ns.finetune_minutes else None)
             next_probe = (int(trained / gap) + 1) * gap
     if data is not None:
         def build(state):
@@ -278,7 +278,7 @@ def run_d2v(ns, seed: int, out_dir: Path, data=None) -> dict:
             if not seen:  # the step-0 probe comes as pretraining's clock starts
                 self.started = now
             train_s = now - self.started - self.seconds  # pretraining's clock: probe time excluded
-            snapshots.append(copy.deepcopy(backbone.state_dict()))
+            snapshots.append(copy.deepcopy(backbone.state_dict()) if ns.finetune_minutes else None)  # only to fine-tune
             self.seconds += time.perf_counter() - now  # the copy is probe time, not training time
             accs = super().__call__(backbone)
             seen.append((train_s, accs["image"]))
