@@ -83,8 +83,8 @@ def resolve_device(name: str, local_rank: int = 0, distributed: bool = False) ->
             dev = torch.device("cuda", local_rank)
         # Training shapes are static (fixed crops and blocks, the same mask count in every row):
         # let cuDNN time its algorithms once per shape and keep the fastest (MAE's main_pretrain
-        # does the same). Without it, the decoders' grouped convolutions ran through layout
-        # transforms that took 26% of an image_base step on an H200 (BENCHMARKS.md, "GPU").
+        # does the same). On an H200 it dropped the layout transforms around the decoders' grouped
+        # convolutions, though the decoder alone was no faster (BENCHMARKS.md, "GPU benchmark").
         torch.backends.cudnn.benchmark = True
     return dev
 
