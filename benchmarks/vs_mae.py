@@ -277,7 +277,9 @@ def run_d2v(ns, seed: int, out_dir: Path, data=None) -> dict:
             now = time.perf_counter()
             if not seen:  # the step-0 probe comes as pretraining's clock starts
                 self.started = now
-            train_s = now - self.started - self.seconds  # pretraining's clock: probe time excluded
+            # pretraining's clock, probe time excluded; rounded as recorded, so the stop below
+            # decides on the very value the JSON shows
+            train_s = round(now - self.started - self.seconds, 3)
             snapshots.append(copy.deepcopy(backbone.state_dict()) if ns.finetune_minutes else None)  # only to fine-tune
             self.seconds += time.perf_counter() - now  # the copy is probe time, not training time
             accs = super().__call__(backbone)
@@ -297,7 +299,7 @@ def run_d2v(ns, seed: int, out_dir: Path, data=None) -> dict:
     if res is not None:
         points = [{"train_s": p["train_seconds"], "step": p["step"], "probe_acc": p["accuracy"]} for p in res.probes]
     else:  # stopped early: the probe's own records (no step count)
-        points = [{"train_s": round(t, 3), "step": None, "probe_acc": a} for t, a in seen]
+        points = [{"train_s": t, "step": None, "probe_acc": a} for t, a in seen]
     if data is not None:
         def build(state):
             model = Data2Vec2(cfg.model)

@@ -134,6 +134,16 @@ def queue_status(root: Path) -> dict[str, str]:
     return rows
 
 
+def start_queue(root: Path, workers: int) -> None:
+    """``dvc queue start -j N``. Its workers are detached but keep the command's stdout and stderr
+    open until they exit, so a caller reading those pipes would wait for the whole queue; they go
+    to a file instead, and the command itself returns in seconds."""
+    with open(root.parent / "queue-start.log", "w") as log:  # outside the repository
+        r = subprocess.run([str(BIN / "dvc"), "queue", "start", "-j", str(workers)], cwd=root, env=env_for(root),
+                           stdout=log, stderr=subprocess.STDOUT, timeout=120)
+    assert r.returncode == 0, (root.parent / "queue-start.log").read_text()
+
+
 def exp_refs(root: Path) -> dict[str, str]:
     """The experiments DVC has committed: {name: refs/exps/.../name}."""
     refs = sh(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], root).stdout.split()
@@ -152,8 +162,10 @@ def wait_for_queue(root: Path, names: set[str]) -> dict[str, str]:
             if states and all(s in ("Success", "Failed") for s in states.values()):
                 return states
         if time.monotonic() - t0 > QUEUE_TIMEOUT_S:
+            states = queue_status(root)
+            logs = {n: dvc("queue", "logs", n, root=root, check=False).stdout[-3000:] for n in names}
             dvc("queue", "kill", *names, root=root, check=False)  # the idle workers then exit by themselves
-            pytest.fail(f"the queue did not finish in {QUEUE_TIMEOUT_S} s: {queue_status(root)}")
+            pytest.fail(f"the queue did not finish in {QUEUE_TIMEOUT_S} s: {states}; logs: {json.dumps(logs, indent=1)}")
         time.sleep(1)
 
 
@@ -168,7 +180,7 @@ def test_two_queued_experiments_run_at_once_and_log_every_metric_once(repo: Path
     for name, lr in LRS.items():
         dvc("exp", "run", "--queue", "-n", name, *[a for o in TINY for a in ("-S", o)], "-S",
             f"finetune.image.lr={lr}", "register", root=repo)
-    dvc("queue", "start", "-j", "2", root=repo)  # two workers; each stops once the queue is empty
+    start_queue(repo, workers=2)  # two workers; each stops once the queue is empty
     states = wait_for_queue(repo, set(LRS))
     if states != {n: "Success" for n in LRS}:
         logs = {n: dvc("queue", "logs", n, root=repo, check=False).stdout[-4000:] for n in LRS}
