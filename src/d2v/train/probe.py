@@ -41,7 +41,9 @@ def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y
     standardised with the training mean and (population) std, then ``C * sum(cross-entropy) + |W|^2 / 2``
     (intercept unpenalised) minimised by L-BFGS, in float64 torch. Same optimum, without
     scikit-learn's 3 s import in every pretraining run; ``tests/test_downstream.py`` checks it
-    against scikit-learn.
+    against scikit-learn. It stops where scikit-learn's default does (``tol=1e-4`` on the largest
+    gradient entry of the mean loss ``sum / (C * N)``, so ``1e-4 * C * N`` here): a 100x tighter
+    stop changed no probe's accuracy by more than one sample and took twice as long.
     """
     classes, y_idx = np.unique(y_train, return_inverse=True)
     if len(classes) < 2:
@@ -53,7 +55,7 @@ def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y
     y = torch.as_tensor(y_idx, dtype=torch.long)
     w = torch.zeros(xt.shape[1], len(classes), dtype=torch.float64, requires_grad=True)
     b = torch.zeros(len(classes), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=2000, tolerance_grad=1e-6 * len(xt),
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=2000, tolerance_grad=1e-4 * c * len(xt),
                             tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
 
     def objective() -> torch.Tensor:
