@@ -144,6 +144,11 @@ def start_queue(root: Path, workers: int) -> None:
     assert r.returncode == 0, (root.parent / "queue-start.log").read_text()
 
 
+def queue_logs(root: Path, names, chars: int) -> str:
+    """The last ``chars`` of each experiment's ``dvc queue logs``, as JSON for a failure message."""
+    return json.dumps({n: dvc("queue", "logs", n, root=root, check=False).stdout[-chars:] for n in names}, indent=1)
+
+
 def exp_refs(root: Path) -> dict[str, str]:
     """The experiments DVC has committed: {name: refs/exps/.../name}."""
     refs = sh(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], root).stdout.split()
@@ -163,9 +168,9 @@ def wait_for_queue(root: Path, names: set[str]) -> dict[str, str]:
                 return states
         if time.monotonic() - t0 > QUEUE_TIMEOUT_S:
             states = queue_status(root)
-            logs = {n: dvc("queue", "logs", n, root=root, check=False).stdout[-3000:] for n in names}
+            logs = queue_logs(root, names, 3000)
             dvc("queue", "kill", *names, root=root, check=False)  # the idle workers then exit by themselves
-            pytest.fail(f"the queue did not finish in {QUEUE_TIMEOUT_S} s: {states}; logs: {json.dumps(logs, indent=1)}")
+            pytest.fail(f"the queue did not finish in {QUEUE_TIMEOUT_S} s: {states}; logs: {logs}")
         time.sleep(1)
 
 
@@ -183,8 +188,7 @@ def test_two_queued_experiments_run_at_once_and_log_every_metric_once(repo: Path
     start_queue(repo, workers=2)  # two workers; each stops once the queue is empty
     states = wait_for_queue(repo, set(LRS))
     if states != {n: "Success" for n in LRS}:
-        logs = {n: dvc("queue", "logs", n, root=repo, check=False).stdout[-4000:] for n in LRS}
-        pytest.fail(f"queue status {states}; logs: {json.dumps(logs, indent=1)}")
+        pytest.fail(f"queue status {states}; logs: {queue_logs(repo, LRS, 4000)}")
 
     # The experiments' results, as committed by DVC (refs/exps/.../<name>)
     revs = {n: r for n, r in exp_refs(repo).items() if n in LRS}
